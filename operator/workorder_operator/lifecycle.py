@@ -1,0 +1,365 @@
+"""The life of a WorkOrder (SPEC.md): every transition, its guard and the status it writes. Pure.
+
+This module is the claim protocol. Each transition takes an order as read and "now", checks
+that it is legal, and returns a `StatusWrite`: the guards (values the stored status must still
+hold, tested by the API server atomically with the write) and the complete new status. The
+adapter turns it into a JSON Patch (`test` ops + one `add /status`), so every status write,
+agents' and the operator's alike, is a compare-and-swap. A failed guard means someone else
+moved first: re-read and decide again, never retry blindly.
+
+Who guards what:
+- agent transitions (claim, renew, complete, fail, release) test phase, attempt and claimedBy:
+  the attempt is the fencing token, so a stale handle can never touch a re-claimed order;
+- operator transitions test the whole stored status: the operator never overwrites any write it
+  has not seen.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from workorder_operator.backoff import retry_delay
+from workorder_operator.model import Outcome, Phase, WorkOrder, format_time
+from workorder_operator.targeting import AgentIdentity, admits
+
+HISTORY_LIMIT = 10
+MESSAGE_LIMIT = 4096
+RESULT_LIMIT = 16384
+
+
+class TransitionError(Exception):
+    """The transition is not legal for the order as read (wrong phase, not the claim holder, ...)."""
+
+
+@dataclass(frozen=True)
+class StatusWrite:
+    """A compare-and-swap on one order's status."""
+
+    transition: str
+    # JSON Pointer -> the value the stored object must still hold there.
+    guards: dict[str, Any]
+    status: dict[str, Any]
+    # Why, for events and logs.
+    message: str = ""
+
+
+# --- conditions ---------------------------------------------------------------------------------
+
+
+class Reason(StrEnum):
+    PENDING = "Pending"
+    CLAIMED = "Claimed"
+    BACKOFF = "RetryBackoff"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+
+
+def _conditions(
+    old: list[dict[str, Any]], phase: Phase, message: str, now: dt.datetime, generation: int
+) -> list[dict[str, Any]]:
+    """Succeeded / Reconciling / Stalled for a phase, in the kstatus convention: Reconciling
+    True while work is outstanding, Stalled True when the order ended in failure; only a change
+    of status moves lastTransitionTime."""
+    reason = {
+        Phase.PENDING: Reason.PENDING,
+        Phase.CLAIMED: Reason.CLAIMED,
+        Phase.RETRY_PENDING: Reason.BACKOFF,
+        Phase.COMPLETED: Reason.COMPLETED,
+        Phase.FAILED: Reason.FAILED,
+    }[phase]
+    succeeded = {Phase.COMPLETED: "True", Phase.FAILED: "False"}.get(phase, "Unknown")
+    wanted = {
+        "Succeeded": succeeded,
+        "Reconciling": "False" if phase.terminal else "True",
+        "Stalled": "True" if phase == Phase.FAILED else "False",
+    }
+    previous = {c.get("type"): c for c in old}
+    out = []
+    for ctype, cstatus in wanted.items():
+        before = previous.get(ctype, {})
+        changed = before.get("status") != cstatus
+        out.append(
+            {
+                "type": ctype,
+                "status": cstatus,
+                "reason": str(reason),
+                "message": message[:MESSAGE_LIMIT],
+                "lastTransitionTime": format_time(now) if changed else before["lastTransitionTime"],
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+_CLAIM_FIELDS = ("claimedBy", "claimedAt", "renewedAt")
+
+
+def _next_status(order: WorkOrder, phase: Phase, message: str, now: dt.datetime, **changes: Any) -> dict[str, Any]:
+    """The stored status with `changes` applied (None removes a field), phase, conditions and
+    updatedAt set."""
+    status = {k: v for k, v in order.raw_status.items() if k != "conditions"}
+    status.update(changes)
+    status = {k: v for k, v in status.items() if v is not None}
+    status["phase"] = str(phase)
+    status["updatedAt"] = format_time(now)
+    status["observedGeneration"] = order.generation
+    status["conditions"] = _conditions(order.raw_status.get("conditions") or [], phase, message, now, order.generation)
+    return status
+
+
+def _history(order: WorkOrder, outcome: Outcome, now: dt.datetime, message: str) -> list[dict[str, Any]]:
+    entry: dict[str, Any] = {
+        "attempt": order.status.attempt,
+        "outcome": str(outcome),
+        "finishedAt": format_time(now),
+    }
+    if order.status.claimed_by:
+        entry["agent"] = order.status.claimed_by
+    if "claimedAt" in order.raw_status:
+        entry["claimedAt"] = order.raw_status["claimedAt"]
+    if message:
+        entry["message"] = message[:MESSAGE_LIMIT]
+    history = [*order.raw_status.get("history", []), entry]
+    return history[-HISTORY_LIMIT:]
+
+
+def _cleared_claim() -> dict[str, Any]:
+    return dict.fromkeys(_CLAIM_FIELDS)
+
+
+def _require_phase(order: WorkOrder, *phases: Phase) -> None:
+    if order.status.phase not in phases:
+        allowed = " or ".join(phases)
+        raise TransitionError(f"{order.key} is {order.status.phase or 'not initialised'}, not {allowed}")
+
+
+def _holder_guards(order: WorkOrder, agent_id: str, attempt: int) -> dict[str, Any]:
+    """The claim holder's guard: still Claimed, by this agent, in this attempt."""
+    _require_phase(order, Phase.CLAIMED)
+    if order.status.claimed_by != agent_id or order.status.attempt != attempt:
+        raise TransitionError(
+            f"{order.key}: the claim is now attempt {order.status.attempt} of agent {order.status.claimed_by},"
+            f" not attempt {attempt} of {agent_id}"
+        )
+    return {"/status/phase": str(Phase.CLAIMED), "/status/claimedBy": agent_id, "/status/attempt": attempt}
+
+
+def _unchanged(order: WorkOrder) -> dict[str, Any]:
+    """The operator's guard: nothing in the status changed since it was read (the resource
+    version when there is no status yet, since a JSON Patch cannot test for absence)."""
+    if not order.raw_status:
+        return {"/metadata/resourceVersion": order.resource_version}
+    return {"/status": order.raw_status}
+
+
+# --- agent transitions --------------------------------------------------------------------------
+
+
+def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime) -> StatusWrite:
+    _require_phase(order, Phase.PENDING)
+    if not admits(order.spec.targeting, agent):
+        raise TransitionError(f"{order.key}: targeting does not admit agent {agent.id}")
+    attempt = order.status.attempt + 1
+    message = f"claimed by agent {agent.id} (attempt {attempt})"
+    return StatusWrite(
+        "claim",
+        {"/status/phase": str(Phase.PENDING), "/status/attempt": order.status.attempt},
+        _next_status(
+            order, Phase.CLAIMED, message, now,
+            claimedBy=agent.id, claimedAt=format_time(now), renewedAt=None, attempt=attempt,
+        ),
+        message,
+    )  # fmt: skip
+
+
+def renew(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime) -> StatusWrite:
+    guards = _holder_guards(order, agent_id, attempt)
+    status = dict(order.raw_status, renewedAt=format_time(now))
+    return StatusWrite("renew", guards, status)
+
+
+def complete(order: WorkOrder, agent_id: str, attempt: int, result: str, now: dt.datetime) -> StatusWrite:
+    guards = _holder_guards(order, agent_id, attempt)
+    message = f"completed by agent {agent_id} in attempt {attempt}"
+    return StatusWrite(
+        "complete",
+        guards,
+        _next_status(
+            order, Phase.COMPLETED, message, now,
+            completedAt=format_time(now), result=result[-RESULT_LIMIT:], nextRetryAfter=None,
+            history=_history(order, Outcome.SUCCEEDED, now, ""),
+        ),
+        message,
+    )  # fmt: skip
+
+
+def fail(
+    order: WorkOrder, agent_id: str, attempt: int, error: str, now: dt.datetime, *, retryable: bool = True
+) -> StatusWrite:
+    """A failed attempt: RetryPending after backoff while retries are left, else Failed."""
+    guards = _holder_guards(order, agent_id, attempt)
+    r = order.status.retry_count
+    guards["/status/retryCount"] = r
+    error = error[-MESSAGE_LIMIT:] or "failed"
+    common = {
+        "lastError": error,
+        "lastErrorAt": format_time(now),
+        "history": _history(order, Outcome.FAILED, now, error),
+    }
+    spec = order.spec
+    if retryable and r + 1 <= spec.max_retries:
+        delay = retry_delay(spec.backoff_seconds, r + 1, spec.max_backoff_seconds)
+        due = now + dt.timedelta(seconds=delay)
+        message = f"attempt {attempt} failed: {error}; retry {r + 1} of {spec.max_retries} after {format_time(due)}"
+        status = _next_status(
+            order, Phase.RETRY_PENDING, message, now,
+            retryCount=r + 1, nextRetryAfter=format_time(due), **_cleared_claim(), **common,
+        )  # fmt: skip
+    else:
+        why = "not retryable" if not retryable else f"{spec.max_retries} retries used up"
+        message = f"attempt {attempt} failed ({why}): {error}"
+        status = _next_status(order, Phase.FAILED, message, now, completedAt=format_time(now), result=error, **common)
+    return StatusWrite("fail", guards, status, message)
+
+
+def release(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime, reason: str = "") -> StatusWrite:
+    """Give the order back untouched: not a failure, retryCount unchanged."""
+    guards = _holder_guards(order, agent_id, attempt)
+    message = f"released by agent {agent_id}" + (f": {reason}" if reason else "")
+    return StatusWrite(
+        "release",
+        guards,
+        _next_status(
+            order,
+            Phase.PENDING,
+            message,
+            now,
+            **_cleared_claim(),
+            history=_history(order, Outcome.RELEASED, now, reason),
+        ),
+        message,
+    )
+
+
+def requeue(order: WorkOrder, now: dt.datetime) -> StatusWrite:
+    """An admin puts a Failed order back to Pending with its retries reset."""
+    _require_phase(order, Phase.FAILED)
+    message = "requeued after failure"
+    return StatusWrite(
+        "requeue",
+        _unchanged(order),
+        _next_status(
+            order, Phase.PENDING, message, now,
+            retryCount=0, completedAt=None, result=None, nextRetryAfter=None, **_cleared_claim(),
+        ),
+        message,
+    )  # fmt: skip
+
+
+# --- operator transitions -----------------------------------------------------------------------
+
+
+def needs_initialise(order: WorkOrder) -> bool:
+    """A new order reads as Pending with zero counters (CRD defaults) but has no conditions yet."""
+    return "conditions" not in order.raw_status and order.status.phase in (None, Phase.PENDING)
+
+
+def initialise(order: WorkOrder, now: dt.datetime, rejection: str | None = None) -> StatusWrite:
+    """Conditions for a new order; or Failed at once when its content cannot run (`rejection`)."""
+    if not needs_initialise(order):
+        raise TransitionError(f"{order.key} is already initialised ({order.status.phase})")
+    if rejection:
+        message = f"rejected: {rejection}"
+        status = _next_status(
+            order, Phase.FAILED, message, now, attempt=0, retryCount=0,
+            lastError=rejection, lastErrorAt=format_time(now), completedAt=format_time(now), result=rejection,
+        )  # fmt: skip
+        return StatusWrite("reject", _unchanged(order), status, message)
+    message = "waiting for an agent"
+    status = _next_status(order, Phase.PENDING, message, now, attempt=0, retryCount=0)
+    return StatusWrite("initialise", _unchanged(order), status, message)
+
+
+def claim_deadline(order: WorkOrder, first_seen: dt.datetime | None = None) -> dt.datetime:
+    """When the current claim expires: claimTimeoutSeconds after the latest sign of life.
+
+    The sign of life is the later of the agent's claimedAt and renewedAt, the server's time of
+    the agent's last status write, and when this operator first saw the claim or renewal. The
+    last two are the server's and our clock, so an agent whose clock runs behind cannot make its
+    claim expire early (and one whose clock runs ahead only delays its own expiry)."""
+    status = order.status
+    marks = [t for t in (status.claimed_at, status.renewed_at, order.status_written_at, first_seen) if t]
+    start = max(marks, default=order.created_at)
+    return start + dt.timedelta(seconds=order.spec.claim_timeout_seconds)
+
+
+def expire(order: WorkOrder, now: dt.datetime, first_seen: dt.datetime | None = None) -> StatusWrite:
+    _require_phase(order, Phase.CLAIMED)
+    if now < claim_deadline(order, first_seen):
+        raise TransitionError(f"{order.key}: the claim has not expired yet")
+    s = order.status
+    error = (
+        f"claim of agent {s.claimed_by} (attempt {s.attempt}) expired: no renewal within "
+        f"{order.spec.claim_timeout_seconds}s"
+    )
+    return StatusWrite(
+        "expire",
+        _unchanged(order),
+        _next_status(
+            order, Phase.PENDING, error, now, **_cleared_claim(),
+            lastError=error, lastErrorAt=format_time(now), history=_history(order, Outcome.EXPIRED, now, error),
+        ),
+        error,
+    )  # fmt: skip
+
+
+def due(order: WorkOrder, now: dt.datetime) -> StatusWrite:
+    _require_phase(order, Phase.RETRY_PENDING)
+    when = order.status.next_retry_after
+    if when is not None and now < when:
+        raise TransitionError(f"{order.key}: retry not due until {format_time(when)}")
+    message = f"retry {order.status.retry_count} of {order.spec.max_retries} due: waiting for an agent"
+    return StatusWrite(
+        "due",
+        _unchanged(order),
+        _next_status(order, Phase.PENDING, message, now, nextRetryAfter=None),
+        message,
+    )
+
+
+# --- what the operator does next ----------------------------------------------------------------
+
+
+class Action(StrEnum):
+    INITIALISE = "initialise"
+    EXPIRE = "expire"
+    DUE = "due"
+    DELETE = "delete"  # ttlSecondsAfterFinished
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The operator's next step for one order: `action` at `at` (now or later), or nothing."""
+
+    action: Action | None = None
+    at: dt.datetime | None = None
+
+
+def plan(order: WorkOrder, first_seen: dt.datetime | None = None) -> Plan:
+    """The operator's next step, independent of the current time: the scheduler runs it at `at`."""
+    s = order.status
+    if needs_initialise(order):
+        return Plan(Action.INITIALISE, order.created_at)
+    if s.phase == Phase.CLAIMED:
+        return Plan(Action.EXPIRE, claim_deadline(order, first_seen))
+    if s.phase == Phase.RETRY_PENDING:
+        return Plan(Action.DUE, s.next_retry_after or order.created_at)
+    if s.phase is not None and s.phase.terminal and order.spec.ttl_seconds_after_finished is not None:
+        finished = s.completed_at or s.updated_at or order.created_at
+        return Plan(Action.DELETE, finished + dt.timedelta(seconds=order.spec.ttl_seconds_after_finished))
+    return Plan()

@@ -1,0 +1,66 @@
+"""Test layer: one real control plane per session (or TEST_KUBECONFIG), a fresh namespace per test.
+
+Every process started here is stopped here, even when tests fail or the run is interrupted
+(pytest turns SIGINT into KeyboardInterrupt, which still runs fixture finalisers; SIGTERM is
+turned into the same).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import pytest
+from kubernetes import client, config
+
+from workorder_operator import envtest
+
+
+@dataclass
+class Cluster:
+    kubeconfig: Path
+    api: client.ApiClient
+    plane: envtest.ControlPlane | None  # None when TEST_KUBECONFIG points at a cluster we do not own
+
+    def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
+        if self.plane is None:
+            pytest.skip("needs the local control plane to mint client certificates")
+        return self.plane.user_kubeconfig(user, groups)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    given = os.environ.get("TEST_KUBECONFIG")
+    plane = None
+    if given:
+        kubeconfig = Path(given)
+    else:
+        signal.signal(signal.SIGTERM, _sigterm)
+        plane = envtest.ControlPlane(tmp_path_factory.mktemp("controlplane"))
+        plane.start()
+        kubeconfig = plane.kubeconfig
+    try:
+        api = config.new_client_from_config(str(kubeconfig))
+        envtest.install_crds(api, envtest.workorder_crds() + envtest.shipwright_crds())
+        yield Cluster(kubeconfig, api, plane)
+    finally:
+        if plane is not None:
+            plane.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    core = client.CoreV1Api(cluster.api)
+    core.create_namespace({"metadata": {"name": name, "labels": {"workorder.dev/test": "true"}}})
+    yield name
+    core.delete_namespace(name)
