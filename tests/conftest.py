@@ -18,6 +18,7 @@ from types import FrameType
 import pytest
 from kubernetes import client, config
 
+from tests.support import OperatorProcess
 from workorder_operator import envtest
 
 
@@ -64,3 +65,14 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     core.create_namespace({"metadata": {"name": name, "labels": {"workorder.dev/test": "true"}}})
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture
+def operator(cluster: Cluster, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """A running operator (all namespaces) for one test."""
+    proc = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -6,13 +6,17 @@ Uses the official `kubernetes` client (synchronous; async callers run it in thre
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from workorder_operator.lifecycle import StatusWrite
-from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder
+from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, format_time, utcnow
+
+log = logging.getLogger(__name__)
 
 OPERATOR_MANAGER = "workorder-operator"
 
@@ -52,8 +56,15 @@ def json_patch(write: StatusWrite) -> list[dict[str, Any]]:
 def _is_lost_race(exc: ApiException) -> bool:
     if exc.status == 409:
         return True
-    # A failed JSON Patch `test` is answered 422 with the failing path in the message.
-    return exc.status == 422 and "test" in (exc.body or "") and "failed" in (exc.body or "")
+    # A failed JSON Patch `test` is answered 422 "the server rejected our request" with no
+    # causes; a real validation error always lists its causes (the fields at fault).
+    if exc.status != 422:
+        return False
+    try:
+        details = json.loads(exc.body or "{}").get("details") or {}
+    except ValueError:
+        return False
+    return not details.get("causes")
 
 
 def _explain(exc: ApiException) -> str:
@@ -95,14 +106,9 @@ class WorkOrders:
         """Perform a status compare-and-swap; raise Conflict when a guard no longer holds."""
         try:
             body: dict[str, Any] = self.objects.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                order.namespace,
-                PLURAL,
-                order.name,
-                json_patch(write),
-                field_manager=self.field_manager,
-            )
+                GROUP, VERSION, order.namespace, PLURAL, order.name, json_patch(write),
+                field_manager=self.field_manager, _content_type="application/json-patch+json",
+            )  # fmt: skip
         except ApiException as exc:
             if exc.status == 404:
                 raise NotFound(f"workorder {order.key} not found") from exc
@@ -121,3 +127,24 @@ class WorkOrders:
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
+
+
+def post_event(api: client.ApiClient, order: WorkOrder, kind: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the order (what `kubectl describe` and `kubectl events` show).
+    Best effort: an event that cannot be posted is logged, never fatal."""
+    now = format_time(utcnow())
+    body = {
+        "metadata": {"name": f"{order.name}.{uuid.uuid4().hex[:12]}", "namespace": order.namespace},
+        "involvedObject": {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkOrder", "name": order.name,
+            "namespace": order.namespace, "uid": order.uid, "resourceVersion": order.resource_version,
+        },
+        "type": kind, "reason": reason, "message": message[:1024],
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        "source": {"component": OPERATOR_MANAGER}, "reportingComponent": OPERATOR_MANAGER,
+        "reportingInstance": OPERATOR_MANAGER,
+    }  # fmt: skip
+    try:
+        client.CoreV1Api(api).create_namespaced_event(order.namespace, body)
+    except ApiException as exc:
+        log.warning("%s: cannot post event %s: %s", order.key, reason, _explain(exc))

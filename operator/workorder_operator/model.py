@@ -35,6 +35,10 @@ class Outcome(StrEnum):
     RELEASED = "Released"
 
 
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 def format_time(t: dt.datetime) -> str:
     """RFC 3339, UTC, microseconds: the one timestamp format of the status."""
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -53,13 +53,15 @@ def test_status_subresource_ignores_spec_and_main_ignores_status(cluster: Cluste
     body = order("a")
     body["status"] = {"phase": "Completed"}
     created = api.create_namespaced_custom_object(G, V, namespace, P, body)
-    assert "status" not in created or "phase" not in created["status"]  # status dropped on create
+    # The status sent with a create is dropped; what reads back is the CRD's default.
+    assert created["status"] == {"phase": "Pending", "attempt": 0, "retryCount": 0}
     patched = api.patch_namespaced_custom_object_status(
         G, V, namespace, P, "a",
-        [{"op": "add", "path": "/status", "value": {"phase": "Pending"}},
+        [{"op": "add", "path": "/status", "value": {"phase": "Claimed"}},
          {"op": "replace", "path": "/spec/workType", "value": "changed"}],
+        _content_type="application/json-patch+json",
     )  # fmt: skip
-    assert patched["status"]["phase"] == "Pending"
+    assert patched["status"]["phase"] == "Claimed"
     assert patched["spec"]["workType"] == "test"
 
 
@@ -67,13 +69,11 @@ def test_stale_resource_version_conflicts(cluster: Cluster, namespace: str) -> N
     api = client.CustomObjectsApi(cluster.api)
     created = api.create_namespaced_custom_object(G, V, namespace, P, order("b"))
     stale = created["metadata"]["resourceVersion"]
-    api.patch_namespaced_custom_object_status(
-        G, V, namespace, P, "b", [{"op": "add", "path": "/status", "value": {"phase": "Pending"}}]
-    )
+    api.patch_namespaced_custom_object_status(G, V, namespace, P, "b", {"status": {"phase": "Claimed"}})
     with pytest.raises(ApiException) as err:
         api.patch_namespaced_custom_object_status(
             G, V, namespace, P, "b",
-            {"metadata": {"resourceVersion": stale}, "status": {"phase": "Claimed"}},
+            {"metadata": {"resourceVersion": stale}, "status": {"phase": "Completed"}},
         )  # fmt: skip
     assert err.value.status == 409
 

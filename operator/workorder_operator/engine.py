@@ -1,0 +1,206 @@
+"""The queue engine: keeps every order's stored status true to its deadlines.
+
+Fed by watch events (`observe`), it asks the lifecycle what the operator must do next for each
+order and when (`lifecycle.plan`), arms one scheduler for all of them, and at each deadline
+performs the transition as a compare-and-swap. A lost race is normal: it re-reads the order and
+decides again. Nothing here is persisted: on start-up the initial listing re-arms everything
+from the stored status, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from workorder_operator import lifecycle
+from workorder_operator.kube import OPERATOR_MANAGER, Conflict, NotFound, WorkOrders
+from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
+from workorder_operator.model import Phase, WorkOrder, utcnow
+from workorder_operator.scheduler import DeadlineScheduler
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# After an unexpected API error, try the same order again this much later.
+ERROR_RETRY_SECONDS = 5.0
+
+# (order, type, reason, message) -> posted as a Kubernetes Event on the order (blocking I/O).
+EventSink = Callable[[WorkOrder, str, str, str], None]
+
+
+@dataclass
+class _Tracked:
+    order: WorkOrder
+    # When this operator first saw the current claim or renewal (our clock).
+    first_seen: dt.datetime | None
+    sign_of_life: tuple[Any, ...]
+    # Why the operator cannot run this order's content (found when it first saw the content).
+    rejection: str | None = None
+
+
+def _rv(order: WorkOrder) -> int:
+    try:
+        return int(order.resource_version)
+    except ValueError:
+        return -1
+
+
+def _compact(order: WorkOrder) -> WorkOrder:
+    """The order without its content: the engine never needs yamlContent after the first look,
+    and 10,000 orders must fit in a small memory budget."""
+    return order.model_copy(update={"spec": order.spec.model_copy(update={"yaml_content": ""})})
+
+
+class Engine:
+    def __init__(
+        self,
+        orders: WorkOrders,
+        *,
+        post_event: EventSink | None = None,
+        reject: Callable[[WorkOrder], str | None] | None = None,
+        concurrency: int = 32,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.orders = orders
+        self.clock = clock
+        self.scheduler = DeadlineScheduler(self._fire, concurrency=concurrency, clock=clock)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="workorder-api")
+        self._post_event = post_event
+        # Content the operator itself cannot run: a reason to fail the order at initialisation.
+        self._reject = reject
+        self._tracked: dict[str, _Tracked] = {}
+
+    # --- input ----------------------------------------------------------------------------------
+
+    def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """A watch event (or a fresh read): remember the order and arm its next deadline."""
+        uid = body.get("metadata", {}).get("uid")
+        if not uid:
+            return
+        if event_type == "DELETED" or body["metadata"].get("deletionTimestamp"):
+            self.forget(uid)
+            return
+        try:
+            order = WorkOrder.from_body(body, OPERATOR_MANAGER)
+        except (KeyError, ValueError) as exc:
+            # The API server validates orders, so this is an object we cannot read: skip it, loudly.
+            log.error("workorder %s/%s: unreadable (%s); ignoring it", *_name(body), exc)
+            return
+        tracked = self._tracked.get(uid)
+        if tracked is not None and _rv(order) < _rv(tracked.order):
+            return  # an older version than one we already hold (our own write's answer came first)
+        rejection = None
+        if self._reject is not None and lifecycle.needs_initialise(order):
+            rejection = self._reject(order)
+        tracked = self._track(order, tracked, rejection)
+        plan = lifecycle.plan(tracked.order, tracked.first_seen)
+        if plan.at is None:
+            self.scheduler.cancel(uid)
+        else:
+            self.scheduler.schedule(uid, plan.at)
+
+    def forget(self, uid: str) -> None:
+        self._tracked.pop(uid, None)
+        self.scheduler.cancel(uid)
+
+    def _track(self, order: WorkOrder, previous: _Tracked | None, rejection: str | None) -> _Tracked:
+        s = order.status
+        sign = (s.phase, s.claimed_by, s.attempt, s.claimed_at, s.renewed_at)
+        first_seen = None
+        if s.phase == Phase.CLAIMED:
+            # Startup listing: no first sight to speak of; the server-side write time covers it.
+            if previous is None:
+                first_seen = None
+            elif previous.sign_of_life == sign:
+                first_seen = previous.first_seen
+            else:
+                first_seen = self.clock()
+        tracked = _Tracked(_compact(order), first_seen, sign, rejection)
+        self._tracked[order.uid] = tracked
+        return tracked
+
+    # --- deadlines ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.scheduler.run()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _api(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def _fire(self, uid: str) -> None:
+        tracked = self._tracked.get(uid)
+        if tracked is None:
+            return
+        order, now = tracked.order, self.clock()
+        plan = lifecycle.plan(order, tracked.first_seen)
+        if plan.action is None or plan.at is None:
+            return
+        if plan.at > now:
+            self.scheduler.schedule(uid, plan.at)
+            return
+        try:
+            if plan.action == Action.DELETE:
+                await self._api(self.orders.delete, order)
+                self._event(order, "Normal", "Deleted", "ttlSecondsAfterFinished reached")
+                return
+            write = self._transition(plan.action, order, tracked, now)
+            body = await self._api(self.orders.write_status, order, write)
+        except TransitionError as exc:
+            log.debug("%s: %s", order.key, exc)
+            return
+        except NotFound:
+            self.forget(uid)
+            return
+        except Conflict as exc:
+            # Someone wrote first (an agent renewed, completed, ...): decide again on fresh data.
+            log.debug("%s", exc)
+            await self._refresh(order)
+            return
+        except Exception as exc:  # an API hiccup must not lose the deadline
+            log.warning("%s: %s failed (%s); retrying in %.0fs", order.key, plan.action, exc, ERROR_RETRY_SECONDS)
+            self.scheduler.schedule(uid, now + dt.timedelta(seconds=ERROR_RETRY_SECONDS))
+            return
+        log.info("%s: %s (%s)", order.key, write.transition, write.message)
+        if write.transition != "initialise":
+            kind = "Warning" if write.transition in ("expire", "reject") else "Normal"
+            self._event(order, kind, write.transition.capitalize(), write.message)
+        self.observe("MODIFIED", body)
+
+    def _transition(self, action: Action, order: WorkOrder, tracked: _Tracked, now: dt.datetime) -> StatusWrite:
+        if action == Action.INITIALISE:
+            return lifecycle.initialise(order, now, tracked.rejection)
+        if action == Action.EXPIRE:
+            return lifecycle.expire(order, now, tracked.first_seen)
+        return lifecycle.due(order, now)
+
+    async def _refresh(self, order: WorkOrder) -> None:
+        try:
+            body = await self._api(self.orders.get, order.namespace, order.name)
+        except NotFound:
+            self.forget(order.uid)
+            return
+        if body["metadata"].get("uid") != order.uid:
+            self.forget(order.uid)  # deleted and recreated under the same name
+            return
+        self.observe("MODIFIED", body)
+
+    def _event(self, order: WorkOrder, kind: str, reason: str, message: str) -> None:
+        """Posted in the background: an event is never worth delaying the next deadline."""
+        if self._post_event is not None:
+            self._pool.submit(self._post_event, order, kind, reason, message)
+
+
+def _name(body: dict[str, Any]) -> tuple[str, str]:
+    meta = body.get("metadata", {})
+    return meta.get("namespace", "?"), meta.get("name", "?")

@@ -1,0 +1,113 @@
+"""Helpers for integration tests: orders, waiting, agent moves, and a real operator process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client
+
+from workorder_operator import lifecycle
+from workorder_operator.kube import WorkOrders
+from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
+from workorder_operator.targeting import AgentIdentity
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout}s: {what or check}")
+        time.sleep(interval)
+
+
+def create_order(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "WorkOrder",
+        "metadata": {"name": name},
+        "spec": {"workType": "test", "yamlContent": "echo: hello\n", **spec},
+    }
+    result: dict[str, Any] = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body
+    )
+    return result
+
+
+class Agent:
+    """A minimal agent built straight on the lifecycle + adapter (what the SDK wraps)."""
+
+    def __init__(self, api: client.ApiClient, agent_id: str, **identity: Any) -> None:
+        self.orders = WorkOrders(api, f"agent-{agent_id[:8]}")
+        self.identity = AgentIdentity(agent_id, **identity)
+
+    def read(self, namespace: str, name: str) -> WorkOrder:
+        return WorkOrder.from_body(self.orders.get(namespace, name))
+
+    def claim(self, order: WorkOrder) -> WorkOrder:
+        return self._write(order, lifecycle.claim(order, self.identity, utcnow()))
+
+    def renew(self, order: WorkOrder) -> WorkOrder:
+        return self._write(order, lifecycle.renew(order, self.identity.id, order.status.attempt, utcnow()))
+
+    def complete(self, order: WorkOrder, result: str = "ok") -> WorkOrder:
+        return self._write(order, lifecycle.complete(order, self.identity.id, order.status.attempt, result, utcnow()))
+
+    def fail(self, order: WorkOrder, error: str = "boom", retryable: bool = True) -> WorkOrder:
+        write = lifecycle.fail(order, self.identity.id, order.status.attempt, error, utcnow(), retryable=retryable)
+        return self._write(order, write)
+
+    def _write(self, order: WorkOrder, write: lifecycle.StatusWrite) -> WorkOrder:
+        return WorkOrder.from_body(self.orders.write_status(order, write))
+
+
+class OperatorProcess:
+    """The real `workorder-operator` as a child process; always stopped by the fixture."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, *args: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workorder_operator.main", "--kubeconfig", str(self.kubeconfig), *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        wait_for(lambda: b"workorder engine started" in self.log_path.read_bytes(), 30, what="operator start")
+
+    def kill(self) -> None:
+        """kill -9: no clean-up, as a crash would be."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

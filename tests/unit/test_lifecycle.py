@@ -1,0 +1,657 @@
+"""The life of a WorkOrder (SPEC.md): every transition, its guard, and the status it writes.
+
+Transitions are run end to end where it matters: the write is applied to a stored body the way
+the API server applies our JSON Patch (`tests.unit.orders.store`), so a refused compare-and-swap
+shows up as `GuardFailed`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from tests.unit.orders import (
+    AGENT_A,
+    AGENT_B,
+    CRD_DEFAULT_STATUS,
+    CREATED,
+    NOW,
+    GuardFailed,
+    make_order,
+    order_body,
+    read,
+    store,
+)
+from workorder_operator import lifecycle as lc
+from workorder_operator.kube import json_patch
+from workorder_operator.lifecycle import HISTORY_LIMIT, MESSAGE_LIMIT, Action, Plan, TransitionError
+from workorder_operator.model import WorkOrder, format_time
+from workorder_operator.targeting import AgentIdentity
+
+A = AgentIdentity(AGENT_A)
+B = AgentIdentity(AGENT_B)
+T_INIT = CREATED + dt.timedelta(seconds=1)
+SECOND = dt.timedelta(seconds=1)
+MICROSECOND = dt.timedelta(microseconds=1)
+
+
+def seconds(n: float) -> dt.timedelta:
+    return dt.timedelta(seconds=n)
+
+
+def pending(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A stored order the operator has initialised."""
+    body = order_body(spec)
+    return store(body, lc.initialise(read(body), T_INIT))
+
+
+def claimed(spec: dict[str, Any] | None = None, agent: AgentIdentity = A, at: dt.datetime = NOW) -> dict[str, Any]:
+    body = pending(spec)
+    return store(body, lc.claim(read(body), agent, at))
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def condition_states(status: dict[str, Any]) -> dict[str, str]:
+    return {t: c["status"] for t, c in conditions(status).items()}
+
+
+def with_status(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """Test set-up: a stored body whose status holds `changes` (None removes a field)."""
+    status = {**body["status"], **changes}
+    return {**body, "status": {k: v for k, v in status.items() if v is not None}}
+
+
+CLAIM_FIELDS = ("claimedBy", "claimedAt", "renewedAt")
+
+
+# --- initialise ---------------------------------------------------------------------------------
+
+
+def test_a_new_order_with_only_crd_defaults_needs_initialising() -> None:
+    assert lc.needs_initialise(make_order(status=CRD_DEFAULT_STATUS))
+    assert lc.needs_initialise(make_order(status={}))
+    assert not lc.needs_initialise(read(pending()))
+    assert not lc.needs_initialise(read(claimed()))
+
+
+def test_initialise_makes_it_pending_with_conditions_guarded_by_the_whole_status() -> None:
+    order = make_order(status=CRD_DEFAULT_STATUS)
+    write = lc.initialise(order, T_INIT)
+    assert write.transition == "initialise"
+    assert write.guards == {"/status": CRD_DEFAULT_STATUS}
+    s = write.status
+    assert (s["phase"], s["attempt"], s["retryCount"]) == ("Pending", 0, 0)
+    assert s["updatedAt"] == format_time(T_INIT)
+    assert condition_states(s) == {"Succeeded": "Unknown", "Reconciling": "True", "Stalled": "False"}
+    assert {c["lastTransitionTime"] for c in s["conditions"]} == {format_time(T_INIT)}
+    assert not lc.needs_initialise(read(store(order_body(), write)))
+
+
+def test_initialise_without_any_status_is_guarded_by_the_resource_version() -> None:
+    write = lc.initialise(make_order(status={}, resource_version="42"), T_INIT)
+    assert write.guards == {"/metadata/resourceVersion": "42"}
+    assert write.status["phase"] == "Pending"
+
+
+def test_initialise_twice_is_refused() -> None:
+    with pytest.raises(TransitionError):
+        lc.initialise(read(pending()), NOW)
+    with pytest.raises(TransitionError):
+        lc.initialise(read(claimed()), NOW)
+
+
+def test_rejected_content_fails_at_once_with_the_reason() -> None:
+    reason = "document 2 is a Secret: only shipwright.io/v1beta1 Build objects are allowed"
+    write = lc.initialise(make_order(), T_INIT, rejection=reason)
+    assert write.transition == "reject"
+    assert write.guards == {"/status": CRD_DEFAULT_STATUS}
+    s = write.status
+    assert s["phase"] == "Failed"
+    assert (s["attempt"], s["retryCount"]) == (0, 0)
+    assert s["lastError"] == reason
+    assert s["result"] == reason
+    assert s["completedAt"] == s["lastErrorAt"] == format_time(T_INIT)
+    assert condition_states(s) == {"Succeeded": "False", "Reconciling": "False", "Stalled": "True"}
+    assert reason in conditions(s)["Succeeded"]["message"]
+
+
+def test_initialise_never_overwrites_an_agent_that_claimed_first() -> None:
+    body = order_body()
+    seen_by_operator = read(body)
+    body = store(body, lc.claim(read(body), A, NOW))  # agents need not wait for the operator
+    with pytest.raises(GuardFailed):
+        store(body, lc.initialise(seen_by_operator, NOW))
+
+
+# --- claim --------------------------------------------------------------------------------------
+
+
+def test_claim_from_pending() -> None:
+    order = read(pending())
+    write = lc.claim(order, A, NOW)
+    assert write.transition == "claim"
+    assert write.guards == {"/status/phase": "Pending", "/status/attempt": 0}
+    s = write.status
+    assert s["phase"] == "Claimed"
+    assert s["claimedBy"] == AGENT_A
+    assert s["claimedAt"] == format_time(NOW) == "2024-05-01T12:30:00.250000Z"
+    assert s["attempt"] == 1
+    assert s["retryCount"] == 0
+    assert condition_states(s) == {"Succeeded": "Unknown", "Reconciling": "True", "Stalled": "False"}
+    assert conditions(s)["Succeeded"]["reason"] == "Claimed"
+
+
+def test_claim_guards_the_attempt_it_read() -> None:
+    body = with_status(pending(), attempt=3)
+    write = lc.claim(read(body), B, NOW)
+    assert write.guards == {"/status/phase": "Pending", "/status/attempt": 3}
+    assert write.status["attempt"] == 4
+
+
+def test_two_agents_racing_for_one_order_only_one_wins() -> None:
+    body = pending()
+    order = read(body)
+    first, second = lc.claim(order, A, NOW), lc.claim(order, B, NOW)
+    body = store(body, first)
+    with pytest.raises(GuardFailed):
+        store(body, second)
+    assert read(body).status.claimed_by == AGENT_A
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        {"phase": "Claimed", "attempt": 1, "retryCount": 0, "claimedBy": AGENT_B},
+        {"phase": "RetryPending", "attempt": 1, "retryCount": 1, "nextRetryAfter": "2024-05-01T13:00:00Z"},
+        {"phase": "Completed", "attempt": 1, "retryCount": 0},
+        {"phase": "Failed", "attempt": 4, "retryCount": 3},
+    ],
+)
+def test_claim_is_refused_unless_pending(status: dict[str, Any]) -> None:
+    with pytest.raises(TransitionError):
+        lc.claim(make_order(status=status), A, NOW)
+
+
+def test_claim_is_refused_when_targeting_does_not_admit_the_agent() -> None:
+    body = pending({"targeting": {"agentIds": [AGENT_B]}})
+    with pytest.raises(TransitionError, match="targeting"):
+        lc.claim(read(body), A, NOW)
+    assert lc.claim(read(body), B, NOW).status["claimedBy"] == AGENT_B
+
+
+def test_claim_with_label_targeting() -> None:
+    body = pending({"targeting": {"labels": ["gpu"]}})
+    with pytest.raises(TransitionError):
+        lc.claim(read(body), AgentIdentity(AGENT_A, labels=("cpu",)), NOW)
+    assert lc.claim(read(body), AgentIdentity(AGENT_A, labels=("gpu",)), NOW).status["phase"] == "Claimed"
+
+
+# --- holder transitions: renew, complete, fail, release ------------------------------------------
+
+
+HOLDER_GUARDS = {"/status/phase": "Claimed", "/status/claimedBy": AGENT_A, "/status/attempt": 1}
+
+
+def _renew(o: WorkOrder, agent: str, attempt: int) -> lc.StatusWrite:
+    return lc.renew(o, agent, attempt, NOW + SECOND)
+
+
+def _complete(o: WorkOrder, agent: str, attempt: int) -> lc.StatusWrite:
+    return lc.complete(o, agent, attempt, "sha256:abc", NOW + SECOND)
+
+
+def _fail(o: WorkOrder, agent: str, attempt: int) -> lc.StatusWrite:
+    return lc.fail(o, agent, attempt, "boom", NOW + SECOND)
+
+
+def _release(o: WorkOrder, agent: str, attempt: int) -> lc.StatusWrite:
+    return lc.release(o, agent, attempt, NOW + SECOND)
+
+
+HOLDER_TRANSITIONS = pytest.mark.parametrize("transition", [_renew, _complete, _fail, _release])
+
+
+@HOLDER_TRANSITIONS
+def test_holder_transitions_are_guarded_by_phase_agent_and_attempt(transition: Any) -> None:
+    write = transition(read(claimed()), AGENT_A, 1)
+    expected = dict(HOLDER_GUARDS)
+    if write.transition == "fail":
+        expected["/status/retryCount"] = 0
+    assert write.guards == expected
+
+
+@HOLDER_TRANSITIONS
+def test_holder_transitions_are_refused_for_another_agent(transition: Any) -> None:
+    with pytest.raises(TransitionError):
+        transition(read(claimed()), AGENT_B, 1)
+
+
+@HOLDER_TRANSITIONS
+def test_holder_transitions_are_refused_for_a_stale_attempt(transition: Any) -> None:
+    body = with_status(claimed(), attempt=2)
+    with pytest.raises(TransitionError):
+        transition(read(body), AGENT_A, 1)
+
+
+@HOLDER_TRANSITIONS
+def test_holder_transitions_are_refused_when_not_claimed(transition: Any) -> None:
+    with pytest.raises(TransitionError):
+        transition(read(pending()), AGENT_A, 0)
+
+
+def test_renew_only_moves_renewed_at() -> None:
+    body = claimed()
+    write = lc.renew(read(body), AGENT_A, 1, NOW + seconds(30))
+    assert write.status == {**body["status"], "renewedAt": format_time(NOW + seconds(30))}
+
+
+def test_complete() -> None:
+    write = lc.complete(read(claimed()), AGENT_A, 1, "sha256:abc", NOW + seconds(90))
+    s = write.status
+    assert s["phase"] == "Completed"
+    assert s["completedAt"] == format_time(NOW + seconds(90))
+    assert s["result"] == "sha256:abc"
+    assert condition_states(s) == {"Succeeded": "True", "Reconciling": "False", "Stalled": "False"}
+    assert s["history"] == [
+        {
+            "attempt": 1,
+            "outcome": "Succeeded",
+            "agent": AGENT_A,
+            "claimedAt": format_time(NOW),
+            "finishedAt": format_time(NOW + seconds(90)),
+        }
+    ]
+
+
+def test_release_returns_the_order_without_counting_a_failure() -> None:
+    body = with_status(claimed(), retryCount=2)
+    write = lc.release(read(body), AGENT_A, 1, NOW + SECOND, reason="shutting down")
+    s = write.status
+    assert s["phase"] == "Pending"
+    assert s["retryCount"] == 2
+    assert s["attempt"] == 1
+    assert not any(f in s for f in CLAIM_FIELDS)
+    assert "lastError" not in s
+    assert s["history"][-1]["outcome"] == "Released"
+    assert s["history"][-1]["message"] == "shutting down"
+    # Another agent can take it at once, with the next attempt number.
+    again = lc.claim(read(store(body, write)), B, NOW + seconds(2))
+    assert (again.status["claimedBy"], again.status["attempt"]) == (AGENT_B, 2)
+
+
+def test_a_late_completion_after_expiry_is_refused_and_changes_nothing() -> None:
+    body = claimed({"claimTimeoutSeconds": 60})
+    stale = read(body)  # what agent A still believes
+    body = store(body, lc.expire(read(body), NOW + seconds(60)))
+    body = store(body, lc.claim(read(body), B, NOW + seconds(61)))
+    with pytest.raises(GuardFailed):
+        store(body, lc.complete(stale, AGENT_A, 1, "sha256:late", NOW + seconds(62)))
+    with pytest.raises(TransitionError):  # and on a fresh read A is plainly not the holder
+        lc.complete(read(body), AGENT_A, 1, "sha256:late", NOW + seconds(62))
+    assert read(body).status.claimed_by == AGENT_B
+
+
+# --- fail ---------------------------------------------------------------------------------------
+
+
+def test_first_failure_with_defaults_waits_two_minutes() -> None:
+    write = lc.fail(read(claimed()), AGENT_A, 1, "exit code 2", NOW)
+    s = write.status
+    assert s["phase"] == "RetryPending"
+    assert s["retryCount"] == 1
+    assert s["nextRetryAfter"] == "2024-05-01T12:32:00.250000Z"
+    assert s["lastError"] == "exit code 2"
+    assert s["lastErrorAt"] == format_time(NOW)
+    assert not any(f in s for f in CLAIM_FIELDS)
+    assert "completedAt" not in s
+    assert condition_states(s) == {"Succeeded": "Unknown", "Reconciling": "True", "Stalled": "False"}
+    assert conditions(s)["Succeeded"]["reason"] == "RetryBackoff"
+    assert s["history"] == [
+        {
+            "attempt": 1,
+            "outcome": "Failed",
+            "agent": AGENT_A,
+            "claimedAt": format_time(NOW),
+            "finishedAt": format_time(NOW),
+            "message": "exit code 2",
+        }
+    ]
+
+
+@pytest.mark.parametrize("retry_count", [0, 1, 2, 5])
+def test_fail_with_retries_left_waits_backoff_times_two_to_the_next_retry(retry_count: int) -> None:
+    body = with_status(claimed({"backoffSeconds": 7, "maxRetries": 10}), retryCount=retry_count)
+    write = lc.fail(read(body), AGENT_A, 1, "boom", NOW)
+    assert write.guards["/status/retryCount"] == retry_count
+    assert write.status["phase"] == "RetryPending"
+    assert write.status["retryCount"] == retry_count + 1
+    assert write.status["nextRetryAfter"] == format_time(NOW + seconds(7 * 2 ** (retry_count + 1)))
+
+
+def test_fail_wait_is_capped_by_max_backoff_seconds() -> None:
+    body = with_status(claimed({"backoffSeconds": 60, "maxBackoffSeconds": 200}), retryCount=2)
+    write = lc.fail(read(body), AGENT_A, 1, "boom", NOW)
+    assert write.status["nextRetryAfter"] == format_time(NOW + seconds(200))
+
+
+def test_max_retries_zero_fails_at_once() -> None:
+    write = lc.fail(read(claimed({"maxRetries": 0})), AGENT_A, 1, "exit code 1", NOW)
+    s = write.status
+    assert s["phase"] == "Failed"
+    assert s["retryCount"] == 0
+    assert "nextRetryAfter" not in s
+    assert s["completedAt"] == format_time(NOW)
+    assert s["result"] == s["lastError"] == "exit code 1"
+    assert condition_states(s) == {"Succeeded": "False", "Reconciling": "False", "Stalled": "True"}
+
+
+def test_a_non_retryable_failure_is_final_and_keeps_retry_count() -> None:
+    body = with_status(claimed(), retryCount=1)
+    write = lc.fail(read(body), AGENT_A, 1, "invalid Dockerfile", NOW, retryable=False)
+    s = write.status
+    assert s["phase"] == "Failed"
+    assert s["retryCount"] == 1
+    assert "not retryable" in write.message
+    assert s["history"][-1]["outcome"] == "Failed"
+
+
+def test_an_empty_error_still_says_something() -> None:
+    s = lc.fail(read(claimed()), AGENT_A, 1, "", NOW).status
+    assert s["lastError"]
+
+
+def test_long_errors_are_cut_to_the_api_limit_keeping_the_end() -> None:
+    error = "x" * 10_000 + "the real cause"
+    s = lc.fail(read(claimed({"maxRetries": 0})), AGENT_A, 1, error, NOW).status
+    assert len(s["lastError"]) == MESSAGE_LIMIT
+    assert s["lastError"].endswith("the real cause")
+    assert all(len(c["message"]) <= MESSAGE_LIMIT for c in s["conditions"])
+
+
+def test_with_defaults_the_fourth_failure_is_final() -> None:
+    body = pending()
+    t = NOW
+    waits = []
+    for attempt in range(1, 5):
+        body = store(body, lc.claim(read(body), A, t))
+        assert read(body).status.attempt == attempt
+        t += seconds(10)
+        body = store(body, lc.fail(read(body), AGENT_A, attempt, f"failure {attempt}", t))
+        order = read(body)
+        if order.status.phase == "Failed":
+            break
+        assert order.status.next_retry_after is not None
+        waits.append((order.status.next_retry_after - t).total_seconds())
+        with pytest.raises(TransitionError):  # not yet
+            lc.due(order, order.status.next_retry_after - MICROSECOND)
+        t = order.status.next_retry_after
+        body = store(body, lc.due(order, t))
+        assert read(body).status.phase == "Pending"
+    s = body["status"]
+    assert waits == [120, 240, 480]
+    assert (s["phase"], s["attempt"], s["retryCount"]) == ("Failed", 4, 3)
+    assert s["lastError"] == "failure 4"
+    assert [h["outcome"] for h in s["history"]] == ["Failed"] * 4
+
+
+# --- expire -------------------------------------------------------------------------------------
+
+
+def test_a_claim_expires_at_its_deadline_not_before() -> None:
+    order = read(claimed({"claimTimeoutSeconds": 600}))
+    deadline = NOW + seconds(600)
+    assert lc.claim_deadline(order) == deadline
+    with pytest.raises(TransitionError):
+        lc.expire(order, deadline - MICROSECOND)
+    assert lc.expire(order, deadline).status["phase"] == "Pending"
+    assert lc.expire(order, deadline + seconds(3600)).status["phase"] == "Pending"
+
+
+def test_a_renewal_moves_the_deadline() -> None:
+    body = claimed({"claimTimeoutSeconds": 600})
+    body = store(body, lc.renew(read(body), AGENT_A, 1, NOW + seconds(500)))
+    order = read(body)
+    assert lc.claim_deadline(order) == NOW + seconds(1100)
+    with pytest.raises(TransitionError):
+        lc.expire(order, NOW + seconds(700))
+
+
+def test_a_slow_agent_clock_cannot_expire_a_claim_early() -> None:
+    # The agent's clock is two hours behind: its claimedAt is long past when the operator sees the claim.
+    body = claimed({"claimTimeoutSeconds": 3600}, at=NOW - seconds(7200))
+    order = read(body)
+    first_seen = NOW
+    assert lc.claim_deadline(order, first_seen) == NOW + seconds(3600)
+    with pytest.raises(TransitionError):
+        lc.expire(order, NOW + seconds(60), first_seen)
+    assert lc.expire(order, NOW + seconds(3600), first_seen).status["phase"] == "Pending"
+    assert lc.plan(order, first_seen) == Plan(Action.EXPIRE, NOW + seconds(3600))
+
+
+def test_the_servers_time_of_the_agents_last_write_counts_but_not_the_operators() -> None:
+    agent_write = NOW + seconds(100)
+    later = format_time(NOW + seconds(900))
+    managed = [
+        {"manager": "agent", "operation": "Update", "subresource": "status", "time": format_time(agent_write)},
+        {"manager": "workorder-operator", "operation": "Update", "subresource": "status", "time": later},
+        {"manager": "kubectl", "operation": "Update", "time": later},  # a spec/metadata write, not status
+    ]
+    body = claimed({"claimTimeoutSeconds": 600})
+    body["metadata"]["managedFields"] = managed
+    order = WorkOrder.from_body(body, operator_manager="workorder-operator")
+    assert order.status_written_at == agent_write
+    assert lc.claim_deadline(order) == agent_write + seconds(600)
+    with pytest.raises(TransitionError):
+        lc.expire(order, NOW + seconds(650))
+
+
+def test_expire_returns_the_order_keeping_retry_count_and_names_the_agent() -> None:
+    body = with_status(claimed({"claimTimeoutSeconds": 60}), retryCount=2, attempt=3)
+    order = read(body)
+    now = NOW + seconds(61)
+    write = lc.expire(order, now)
+    assert write.guards == {"/status": body["status"]}
+    s = write.status
+    assert s["phase"] == "Pending"
+    assert s["retryCount"] == 2
+    assert s["attempt"] == 3
+    assert not any(f in s for f in CLAIM_FIELDS)
+    assert AGENT_A in s["lastError"]
+    assert s["lastErrorAt"] == format_time(now)
+    assert s["history"][-1]["outcome"] == "Expired"
+    assert s["history"][-1]["agent"] == AGENT_A
+
+
+def test_expire_never_overwrites_a_renewal_it_has_not_seen() -> None:
+    body = claimed({"claimTimeoutSeconds": 60})
+    seen = read(body)
+    body = store(body, lc.renew(read(body), AGENT_A, 1, NOW + seconds(59)))
+    with pytest.raises(GuardFailed):
+        store(body, lc.expire(seen, NOW + seconds(60)))
+
+
+def test_expire_is_refused_unless_claimed() -> None:
+    with pytest.raises(TransitionError):
+        lc.expire(read(pending()), NOW + seconds(10**6))
+
+
+# --- due, requeue -------------------------------------------------------------------------------
+
+
+def retry_pending(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = claimed(spec)
+    return store(body, lc.fail(read(body), AGENT_A, 1, "boom", NOW))
+
+
+def test_due_only_when_the_retry_time_has_come() -> None:
+    body = retry_pending()
+    order = read(body)
+    when = NOW + seconds(120)
+    assert order.status.next_retry_after == when
+    with pytest.raises(TransitionError):
+        lc.due(order, when - MICROSECOND)
+    write = lc.due(order, when)
+    assert write.guards == {"/status": body["status"]}
+    s = write.status
+    assert s["phase"] == "Pending"
+    assert "nextRetryAfter" not in s
+    assert s["retryCount"] == 1
+    assert s["lastError"] == "boom"  # the seed keeps the last error visible
+
+
+def test_due_is_refused_unless_retry_pending() -> None:
+    with pytest.raises(TransitionError):
+        lc.due(read(claimed()), NOW + seconds(10**6))
+
+
+def failed() -> dict[str, Any]:
+    body = with_status(claimed(), retryCount=3, attempt=4)
+    return store(body, lc.fail(read(body), AGENT_A, 4, "still broken", NOW))
+
+
+def test_requeue_puts_a_failed_order_back_with_retries_reset() -> None:
+    body = failed()
+    assert body["status"]["phase"] == "Failed"
+    write = lc.requeue(read(body), NOW + seconds(5))
+    assert write.guards == {"/status": body["status"]}
+    s = write.status
+    assert s["phase"] == "Pending"
+    assert s["retryCount"] == 0
+    assert s["attempt"] == 4  # the fencing token never goes back
+    assert not any(f in s for f in ("completedAt", "result", "nextRetryAfter", *CLAIM_FIELDS))
+    assert condition_states(s) == {"Succeeded": "Unknown", "Reconciling": "True", "Stalled": "False"}
+    again = lc.claim(read(store(body, write)), B, NOW + seconds(6))
+    assert again.status["attempt"] == 5
+
+
+@pytest.mark.parametrize("make", [pending, claimed, retry_pending])
+def test_requeue_is_refused_unless_failed(make: Any) -> None:
+    with pytest.raises(TransitionError):
+        lc.requeue(read(make()), NOW)
+
+
+def test_requeue_of_a_completed_order_is_refused() -> None:
+    body = claimed()
+    body = store(body, lc.complete(read(body), AGENT_A, 1, "ok", NOW))
+    with pytest.raises(TransitionError):
+        lc.requeue(read(body), NOW)
+
+
+# --- history and conditions ---------------------------------------------------------------------
+
+
+def test_history_keeps_only_the_last_attempts() -> None:
+    body = pending()
+    t = NOW
+    for attempt in range(1, HISTORY_LIMIT + 4):
+        body = store(body, lc.claim(read(body), A, t))
+        t += SECOND
+        body = store(body, lc.release(read(body), AGENT_A, attempt, t))
+    history = body["status"]["history"]
+    assert len(history) == HISTORY_LIMIT
+    assert [h["attempt"] for h in history] == list(range(4, HISTORY_LIMIT + 4))
+    assert {h["outcome"] for h in history} == {"Released"}
+
+
+def test_history_records_every_outcome_in_order() -> None:
+    body = claimed({"claimTimeoutSeconds": 60})
+    body = store(body, lc.expire(read(body), NOW + seconds(60)))
+    body = store(body, lc.claim(read(body), B, NOW + seconds(61)))
+    body = store(body, lc.release(read(body), AGENT_B, 2, NOW + seconds(62)))
+    body = store(body, lc.claim(read(body), A, NOW + seconds(63)))
+    body = store(body, lc.fail(read(body), AGENT_A, 3, "boom", NOW + seconds(64)))
+    body = store(body, lc.due(read(body), NOW + seconds(64 + 120)))
+    body = store(body, lc.claim(read(body), B, NOW + seconds(200)))
+    body = store(body, lc.complete(read(body), AGENT_B, 4, "sha256:ok", NOW + seconds(300)))
+    history = body["status"]["history"]
+    assert [(h["attempt"], h["agent"], h["outcome"]) for h in history] == [
+        (1, AGENT_A, "Expired"),
+        (2, AGENT_B, "Released"),
+        (3, AGENT_A, "Failed"),
+        (4, AGENT_B, "Succeeded"),
+    ]
+    assert body["status"]["retryCount"] == 1  # only the failure counted
+
+
+def test_last_transition_time_moves_only_when_a_condition_changes_status() -> None:
+    body = pending()  # at T_INIT: Succeeded Unknown, Reconciling True, Stalled False
+    t_claim, t_done = NOW, NOW + seconds(90)
+    body = store(body, lc.claim(read(body), A, t_claim))
+    after_claim = conditions(body["status"])
+    assert {c["lastTransitionTime"] for c in after_claim.values()} == {format_time(T_INIT)}
+    assert after_claim["Succeeded"]["reason"] == "Claimed"  # reason and message do follow the phase
+    body = store(body, lc.complete(read(body), AGENT_A, 1, "ok", t_done))
+    done = conditions(body["status"])
+    assert done["Succeeded"]["lastTransitionTime"] == format_time(t_done)
+    assert done["Reconciling"]["lastTransitionTime"] == format_time(t_done)
+    assert done["Stalled"]["lastTransitionTime"] == format_time(T_INIT)
+    assert {c["observedGeneration"] for c in done.values()} == {1}
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def test_plan_initialises_a_new_order_at_once() -> None:
+    assert lc.plan(make_order(status=CRD_DEFAULT_STATUS)) == Plan(Action.INITIALISE, CREATED)
+
+
+def test_plan_has_nothing_to_do_for_an_initialised_pending_order() -> None:
+    assert lc.plan(read(pending())) == Plan()
+
+
+def test_plan_expires_a_claim_at_its_deadline() -> None:
+    order = read(claimed({"claimTimeoutSeconds": 600}))
+    assert lc.plan(order) == Plan(Action.EXPIRE, NOW + seconds(600))
+    assert lc.plan(order, NOW + seconds(30)) == Plan(Action.EXPIRE, NOW + seconds(630))
+
+
+def test_plan_makes_a_retry_due_at_its_time() -> None:
+    assert lc.plan(read(retry_pending())) == Plan(Action.DUE, NOW + seconds(120))
+
+
+def test_plan_leaves_finished_orders_alone_without_ttl() -> None:
+    assert lc.plan(read(failed())) == Plan()
+
+
+@pytest.mark.parametrize("ttl", [0, 3600])
+def test_plan_deletes_finished_orders_after_their_ttl(ttl: int) -> None:
+    body = claimed({"ttlSecondsAfterFinished": ttl})
+    done = store(body, lc.complete(read(body), AGENT_A, 1, "ok", NOW + seconds(90)))
+    assert lc.plan(read(done)) == Plan(Action.DELETE, NOW + seconds(90 + ttl))
+    gone = store(body, lc.fail(read(body), AGENT_A, 1, "boom", NOW + seconds(90), retryable=False))
+    assert lc.plan(read(gone)) == Plan(Action.DELETE, NOW + seconds(90 + ttl))
+
+
+def test_plan_ttl_does_not_apply_before_the_order_finishes() -> None:
+    assert lc.plan(read(pending({"ttlSecondsAfterFinished": 0}))) == Plan()
+    assert lc.plan(read(retry_pending({"ttlSecondsAfterFinished": 0}))).action == Action.DUE
+
+
+# --- the wire form ------------------------------------------------------------------------------
+
+
+def test_json_patch_tests_every_guard_first_then_sets_the_status() -> None:
+    write = lc.fail(read(claimed()), AGENT_A, 1, "boom", NOW)
+    ops = json_patch(write)
+    assert ops == [
+        {"op": "test", "path": "/status/phase", "value": "Claimed"},
+        {"op": "test", "path": "/status/claimedBy", "value": AGENT_A},
+        {"op": "test", "path": "/status/attempt", "value": 1},
+        {"op": "test", "path": "/status/retryCount", "value": 0},
+        {"op": "add", "path": "/status", "value": write.status},
+    ]
+
+
+def test_json_patch_of_an_operator_write_tests_the_whole_status() -> None:
+    body = retry_pending()
+    write = lc.due(read(body), NOW + seconds(120))
+    ops = json_patch(write)
+    assert ops == [
+        {"op": "test", "path": "/status", "value": body["status"]},
+        {"op": "add", "path": "/status", "value": write.status},
+    ]
