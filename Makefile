@@ -35,8 +35,8 @@ binaries: ## build etcd, kube-apiserver and kube-controller-manager into the cac
 	@tools/build-controlplane.sh
 
 lint: venv ## ruff and mypy (strict on the package)
-	$(BIN)/ruff check operator tests
-	$(BIN)/ruff format --check operator tests
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff format --check operator tests bench
 	$(BIN)/mypy
 
 unit: venv ## only the fast unit tests (no cluster)
@@ -70,6 +70,9 @@ test-kind: venv ## (needs kind-up) run the same suite against the kind cluster
 
 bench: venv binaries ## benchmarks (not part of make test); results under bench/results/
 	PATH=$(BIN):$$PATH $(BIN)/python bench/deadlines.py
+
+demo: cluster-up ## a visible end-to-end run (orders, two agents, a retry, an expiry); watch with kubectl get wo -n demo -w
+	PATH=$(BIN):$$PATH examples/demo.sh
 
 clean: cluster-down ## remove local state (the cache in ~/.cache/workorder-operator stays)
 	rm -rf $(LOCAL)

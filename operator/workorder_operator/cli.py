@@ -1,20 +1,591 @@
-"""`kubectl-workorder`: the kubectl plugin (`kubectl workorder ...`)."""
+"""`kubectl-workorder`: the kubectl plugin (`kubectl workorder ...`), for people and shell agents.
+
+Every command is a thin layer over the SDK (`agent.py`) and the lifecycle: the same
+compare-and-swap writes, the same guards. Errors are one line with the cause and the fix, and a
+distinct exit code (see EXIT_CODES); never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
 
-from workorder_operator import __version__
+import urllib3
+import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from workorder_operator import __version__, lifecycle
+from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
+from workorder_operator.kube import NotFound, WorkOrders, api_client
+from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
+from workorder_operator.seed import seed_view
+
+EXIT_CODES = {
+    "error": 1,
+    "usage": 2,
+    "unreachable": 3,
+    "no-crd": 4,
+    "forbidden": 5,
+    "not-found": 6,
+    "claim-lost": 7,
+    "nothing-to-claim": 8,
+}
+EX_TEMPFAIL = 75
+OUTPUT_TAIL = 4096
+
+
+class CliError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.code = EXIT_CODES[kind]
+
+
+def default_agent_id() -> str:
+    """Stable per machine unless set: $WORKORDER_AGENT_ID, else a UUID derived from the host name."""
+    return os.environ.get("WORKORDER_AGENT_ID") or str(uuid.uuid5(uuid.NAMESPACE_DNS, socket.gethostname()))
+
+
+# --- connection and errors ----------------------------------------------------------------------
+
+
+class Session:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        try:
+            self.api = api_client(args.kubeconfig, args.context)
+        except (config.ConfigException, OSError) as exc:
+            raise CliError("unreachable", f"no usable kubeconfig ({exc}); pass --kubeconfig or set KUBECONFIG") from exc
+        self.orders = WorkOrders(self.api, "kubectl-workorder")
+
+    @property
+    def namespace(self) -> str:
+        if self.args.namespace:
+            return str(self.args.namespace)
+        try:
+            _, active = config.list_kube_config_contexts(config_file=self.args.kubeconfig)
+            if self.args.context:
+                contexts, _ = config.list_kube_config_contexts(config_file=self.args.kubeconfig)
+                active = next(c for c in contexts if c["name"] == self.args.context)
+            return str(active["context"].get("namespace") or "default")
+        except (config.ConfigException, OSError, StopIteration, TypeError, KeyError):
+            return "default"
+
+    def read(self, name: str) -> WorkOrder:
+        return WorkOrder.from_body(self.orders.get(self.namespace, name))
+
+
+def explain(exc: BaseException, session: Session | None) -> CliError:
+    """Turn an exception into one actionable line."""
+    if isinstance(exc, CliError):
+        return exc
+    if isinstance(exc, NotFound):
+        return CliError("not-found", f"{exc}; check the name and namespace (-n)")
+    if isinstance(exc, ClaimLost):
+        return CliError("claim-lost", str(exc))
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        host = session.api.configuration.host if session else "the cluster"
+        return CliError(
+            "unreachable",
+            f"cannot reach {host}: {exc.__class__.__name__}; is the cluster up? check --kubeconfig/--context",
+        )
+    if isinstance(exc, ApiException):
+        message = _api_message(exc)
+        if exc.status == 403:
+            return CliError("forbidden", f"forbidden: {message}; ask for the workorder-agent/workorder-edit role")
+        if exc.status == 404:
+            return CliError(
+                "no-crd",
+                "the WorkOrder API (workorders.workorder.dev) is not installed in this cluster; "
+                "install it with: kubectl apply --server-side -f crds/",
+            )
+        if exc.status == 401:
+            return CliError("forbidden", f"unauthorized: {message}; your credentials were refused")
+        return CliError("error", f"the API server refused: {message}")
+    return CliError("error", f"{exc.__class__.__name__}: {exc}")
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def age(order: WorkOrder) -> str:
+    seconds = int((utcnow() - order.created_at).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size or (unit == "m" and seconds >= size):
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _reason(order: WorkOrder) -> str:
+    return next(
+        (str(c.get("reason")) for c in order.raw_status.get("conditions", []) if c.get("type") == "Succeeded"), ""
+    )
+
+
+def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool) -> str:
+    header = ["NAME", "TYPE", "PHASE", "CLAIMED-BY", "RETRIES", "AGE"]
+    if wide:
+        header += ["NEXT-RETRY", "PRIORITY", "REASON"]
+    if all_namespaces:
+        header.insert(0, "NAMESPACE")
+    rows = [header]
+    for o in orders:
+        row = [
+            o.name,
+            o.spec.work_type,
+            o.status.phase or "",
+            o.status.claimed_by or "",
+            str(o.status.retry_count),
+            age(o),
+        ]
+        if wide:
+            row += [o.raw_status.get("nextRetryAfter", ""), str(o.spec.priority), _reason(o)]
+        if all_namespaces:
+            row.insert(0, o.namespace)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool) -> None:
+    parsed = [WorkOrder.from_body(b) for b in orders]
+    fmt = args.output
+    if fmt == "json":
+        print(json.dumps(orders[0] if single else {"apiVersion": "v1", "kind": "List", "items": orders}, indent=2))
+    elif fmt == "yaml":
+        print(yaml.safe_dump(orders[0] if single else {"apiVersion": "v1", "kind": "List", "items": orders}), end="")
+    elif fmt == "seed":
+        views = [seed_view(o) for o in parsed]
+        print(json.dumps(views[0] if single else views, indent=2))
+    elif fmt == "name":
+        for o in parsed:
+            print(f"workorder.workorder.dev/{o.name}")
+    else:
+        if not parsed and not single:
+            print(
+                f"No resources found in {args.namespace or 'the'} namespace."
+                if not args.all_namespaces
+                else "No resources found."
+            )
+            return
+        print(table(parsed, fmt == "wide", bool(getattr(args, "all_namespaces", False))))
+
+
+# --- commands: people ---------------------------------------------------------------------------
+
+
+def cmd_create(s: Session, args: argparse.Namespace) -> int:
+    content = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    spec: dict[str, Any] = {"workType": args.type, "yamlContent": content}
+    for flag, field in (
+        ("max_retries", "maxRetries"), ("backoff", "backoffSeconds"), ("max_backoff", "maxBackoffSeconds"),
+        ("claim_timeout", "claimTimeoutSeconds"), ("priority", "priority"), ("ttl", "ttlSecondsAfterFinished"),
+    ):  # fmt: skip
+        if getattr(args, flag) is not None:
+            spec[field] = getattr(args, flag)
+    targeting: dict[str, Any] = {}
+    if args.target_agent:
+        targeting["agentIds"] = args.target_agent
+    if args.target_label:
+        targeting["labels"] = args.target_label
+    if args.target_annotation:
+        targeting["annotations"] = dict(_key_value(a) for a in args.target_annotation)
+    if targeting:
+        spec["targeting"] = targeting
+    metadata = {"name": args.name} if args.name else {"generateName": f"{args.type}-"}
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkOrder", "metadata": metadata, "spec": spec}
+    created = client.CustomObjectsApi(s.api).create_namespaced_custom_object(GROUP, VERSION, s.namespace, PLURAL, body)
+    if args.output:
+        emit([created], args, single=True)
+    else:
+        print(f"workorder.workorder.dev/{created['metadata']['name']} created")
+    return 0
+
+
+def cmd_list(s: Session, args: argparse.Namespace) -> int:
+    selector = ",".join(
+        f
+        for f in (f"status.phase={args.phase}" if args.phase else "", f"spec.workType={args.type}" if args.type else "")
+        if f
+    )
+    bodies, _ = s.orders.list(None if args.all_namespaces else s.namespace, field_selector=selector)
+    bodies.sort(key=lambda b: (b["metadata"].get("namespace", ""), b["metadata"]["name"]))
+    if not args.all_namespaces:
+        args.namespace = s.namespace
+    emit(bodies, args, single=False)
+    return 0
+
+
+def cmd_get(s: Session, args: argparse.Namespace) -> int:
+    emit([s.orders.get(s.namespace, args.name)], args, single=True)
+    return 0
+
+
+def cmd_history(s: Session, args: argparse.Namespace) -> int:
+    order = s.read(args.name)
+    rows = [["ATTEMPT", "AGENT", "CLAIMED", "FINISHED", "OUTCOME", "MESSAGE"]]
+    for h in order.raw_status.get("history", []):
+        rows.append([str(h.get("attempt", "")), h.get("agent", ""), h.get("claimedAt", ""), h.get("finishedAt", ""),
+                     h.get("outcome", ""), (h.get("message") or "").replace("\n", " ")[:80]])  # fmt: skip
+    if order.status.phase == Phase.CLAIMED:
+        rows.append(
+            [
+                str(order.status.attempt),
+                order.status.claimed_by or "",
+                order.raw_status.get("claimedAt", ""),
+                "",
+                "Running",
+                "",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
+    return 0
+
+
+def cmd_requeue(s: Session, args: argparse.Namespace) -> int:
+    order = s.read(args.name)
+    try:
+        s.orders.write_status(order, lifecycle.requeue(order, utcnow()))
+    except lifecycle.TransitionError as exc:
+        raise CliError("error", f"cannot requeue: {exc}; only Failed orders can be requeued") from exc
+    print(f"workorder.workorder.dev/{args.name} requeued (Pending, retries reset)")
+    return 0
+
+
+# --- commands: shell agents ---------------------------------------------------------------------
+
+
+def _agent(s: Session, args: argparse.Namespace) -> Agent:
+    return Agent(
+        s.api, args.id, work_types=args.type or (), labels=args.label or (),
+        annotations=dict(_key_value(a) for a in args.annotation or ()),
+        namespace=None if getattr(args, "all_namespaces", False) else s.namespace,
+    )  # fmt: skip
+
+
+def cmd_claim(s: Session, args: argparse.Namespace) -> int:
+    agent = _agent(s, args)
+    claim = agent.claim(s.read(args.name)) if args.name else agent.claim_next()
+    if claim is None:
+        raise CliError("nothing-to-claim", "nothing to claim: no Pending order of these types admits this agent")
+    o = claim.order
+    if args.output == "json":
+        print(json.dumps({"name": o.name, "namespace": o.namespace, "attempt": o.status.attempt, "agentId": agent.id}))
+    else:
+        print(f"{o.name} {o.status.attempt}")
+    return 0
+
+
+def _held(s: Session, args: argparse.Namespace) -> Claim:
+    """A handle on a claim this agent holds (the attempt defaults to the current one, if ours)."""
+    order = s.read(args.name)
+    agent = Agent(s.api, args.id, namespace=s.namespace)
+    handle = Claim(agent, order)
+    if args.attempt is not None:
+        handle.attempt = args.attempt
+    if (
+        order.status.phase != Phase.CLAIMED
+        or order.status.claimed_by != agent.id
+        or order.status.attempt != handle.attempt
+    ):
+        holder = (
+            f"attempt {order.status.attempt} of agent {order.status.claimed_by}"
+            if order.status.claimed_by
+            else "nobody"
+        )
+        raise CliError(
+            "claim-lost",
+            f"workorder {order.key} is {order.status.phase} (claim held by {holder}), not attempt {handle.attempt} of "
+            f"agent {agent.id}: the claim is lost or was never taken",
+        )
+    return handle
+
+
+def cmd_renew(s: Session, args: argparse.Namespace) -> int:
+    _held(s, args).renew()
+    print(f"workorder.workorder.dev/{args.name} renewed")
+    return 0
+
+
+def cmd_complete(s: Session, args: argparse.Namespace) -> int:
+    _held(s, args).complete(args.result or "")
+    print(f"workorder.workorder.dev/{args.name} completed")
+    return 0
+
+
+def cmd_fail(s: Session, args: argparse.Namespace) -> int:
+    handle = _held(s, args)
+    handle.fail(args.error, retryable=not args.no_retry)
+    print(f"workorder.workorder.dev/{args.name} {handle.order.status.phase}")
+    return 0
+
+
+def cmd_release(s: Session, args: argparse.Namespace) -> int:
+    _held(s, args).release(args.reason or "")
+    print(f"workorder.workorder.dev/{args.name} released")
+    return 0
+
+
+class CommandRunner:
+    """Runs COMMAND for one claimed order: content on stdin, fields in the environment, output
+    streamed with the order's name as prefix; exit 0 completes, others fail."""
+
+    def __init__(
+        self, command: Sequence[str], timeout: float | None, retryable: set[int], stop: threading.Event
+    ) -> None:
+        self.command = list(command)
+        self.timeout = timeout
+        self.retryable = retryable
+        self.stop = stop
+        self._print = threading.Lock()
+
+    def __call__(self, claim: Claim) -> str:
+        o = claim.order
+        env = dict(
+            os.environ,
+            WORKORDER_NAME=o.name, WORKORDER_NAMESPACE=o.namespace, WORKORDER_UID=o.uid,
+            WORKORDER_TYPE=o.spec.work_type, WORKORDER_ATTEMPT=str(o.status.attempt),
+            WORKORDER_RETRY_COUNT=str(o.status.retry_count), WORKORDER_AGENT_ID=claim.agent.id,
+            WORKORDER_PRIORITY=str(o.spec.priority),
+        )  # fmt: skip
+        proc = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        tails: dict[str, list[str]] = {"out": [], "err": []}
+        pumps = [
+            threading.Thread(target=self._pump, args=(proc.stdout, o.name, tails["out"], sys.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=(proc.stderr, o.name, tails["err"], sys.stderr), daemon=True),
+        ]
+        for p in pumps:
+            p.start()
+        threading.Thread(target=self._feed, args=(proc, o.spec.yaml_content), daemon=True).start()
+        outcome = self._wait(proc)
+        for p in pumps:
+            p.join(timeout=5)
+        out, err = "".join(tails["out"])[-OUTPUT_TAIL:].strip(), "".join(tails["err"])[-OUTPUT_TAIL:].strip()
+        if outcome == "stopped":
+            claim.release("agent shutting down")
+            return ""
+        if outcome == "timeout":
+            raise Failure(f"timed out after {self.timeout:g}s" + (f": {err}" if err else ""), retryable=True)
+        code = proc.returncode
+        if code == 0:
+            # The result is the last line printed (a digest, a URL, a count); the full output was streamed.
+            return out.splitlines()[-1] if out else ""
+        raise Failure(f"exit code {code}" + (f": {err or out}" if err or out else ""), retryable=code in self.retryable)
+
+    def _wait(self, proc: subprocess.Popen[bytes]) -> str:
+        waited = 0.0
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                return "exited"
+            except subprocess.TimeoutExpired:
+                waited += 0.2
+            if self.stop.is_set():
+                _kill(proc)
+                return "stopped"
+            if self.timeout is not None and waited >= self.timeout:
+                _kill(proc)
+                return "timeout"
+
+    @staticmethod
+    def _feed(proc: subprocess.Popen[bytes], content: str) -> None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(content.encode())
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the command does not read its input: fine
+
+    def _pump(self, stream: IO[bytes] | None, name: str, tail: list[str], sink: IO[str]) -> None:
+        assert stream is not None
+        kept = 0
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
+            with self._print:
+                sink.write(f"[{name}] {line if line.endswith(chr(10)) else line + chr(10)}")
+                sink.flush()
+            tail.append(line)
+            kept += len(line)
+            while kept > 2 * OUTPUT_TAIL and len(tail) > 1:
+                kept -= len(tail.pop(0))
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the command's process group, SIGKILL after 5 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def cmd_agent_run(s: Session, args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CliError(
+            "usage", "agent run needs a command after --, e.g. kubectl workorder agent run --type test -- ./run.sh"
+        )
+    agent = _agent(s, args)
+    # Fail fast with a readable error if the cluster or the CRD is not there.
+    s.orders.list(agent.namespace, field_selector=agent._selector())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    retryable = {int(c) for c in args.retryable_exit_codes.split(",") if c.strip()}
+    runner = CommandRunner(command, args.timeout, retryable, stop)
+    scope = "all namespaces" if agent.namespace is None else f"namespace {agent.namespace}"
+    types = ", ".join(agent.work_types) or "all types"
+    print(f"agent {agent.id} taking {types} in {scope} (concurrency {args.concurrency})", file=sys.stderr, flush=True)
+    agent.run(runner, concurrency=args.concurrency, stop=stop, shutdown_grace=args.shutdown_grace)
+    return 0
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CliError("usage", f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
+    common.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None, help="kubeconfig file")
+    common.add_argument("--context", help="kubeconfig context")
+    common.add_argument("-o", "--output", choices=["json", "yaml", "wide", "seed", "name"], help="output format")
+
+    p = argparse.ArgumentParser(prog="kubectl workorder", description="Create, inspect and work WorkOrders.")
+    p.add_argument("--version", action="version", version=f"kubectl-workorder {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[Session, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    c = add("create", cmd_create, "create a WorkOrder from a YAML file")
+    c.add_argument("--type", required=True, help="workType (build, test, backup, ...)")
+    c.add_argument("-f", "--filename", required=True, help="the yamlContent file (- for stdin)")
+    c.add_argument("--name", help="name (default: generated from the type)")
+    c.add_argument("--max-retries", type=int)
+    c.add_argument("--backoff", type=int, help="backoffSeconds")
+    c.add_argument("--max-backoff", type=int, help="maxBackoffSeconds")
+    c.add_argument("--claim-timeout", type=int, help="claimTimeoutSeconds")
+    c.add_argument("--priority", type=int)
+    c.add_argument("--ttl", type=int, help="ttlSecondsAfterFinished")
+    c.add_argument("--target-agent", action="append", help="admit this agent id (repeatable)")
+    c.add_argument("--target-label", action="append", help="admit agents with this label (repeatable)")
+    c.add_argument("--target-annotation", action="append", help="admit agents with KEY=VALUE (repeatable)")
+
+    ls = add("list", cmd_list, "list WorkOrders")
+    ls.add_argument("-A", "--all-namespaces", action="store_true")
+    ls.add_argument("--phase", choices=[str(p) for p in Phase])
+    ls.add_argument("--type", help="only this workType")
+
+    g = add("get", cmd_get, "show one WorkOrder (-o seed: the seed system's 15-field record)")
+    g.add_argument("name")
+    h = add("history", cmd_history, "the attempts of a WorkOrder")
+    h.add_argument("name")
+    rq = add("requeue", cmd_requeue, "put a Failed order back to Pending with its retries reset")
+    rq.add_argument("name")
+
+    def identity(sp: argparse.ArgumentParser, types: bool) -> None:
+        sp.add_argument(
+            "--id",
+            default=default_agent_id(),
+            help="agent UUID (default: $WORKORDER_AGENT_ID or derived from the host name)",
+        )
+        if types:
+            sp.add_argument("--type", action="append", help="work type to take (repeatable; default: all)")
+            sp.add_argument("--label", action="append", help="agent label, for targeting (repeatable)")
+            sp.add_argument("--annotation", action="append", help="agent annotation KEY=VALUE (repeatable)")
+            sp.add_argument("-A", "--all-namespaces", action="store_true", help="take orders from every namespace")
+
+    cl = add("claim", cmd_claim, "claim the next order (or NAME); prints NAME ATTEMPT")
+    cl.add_argument("name", nargs="?")
+    identity(cl, True)
+    for name, fn, help in (
+        ("renew", cmd_renew, "renew a claim you hold"),
+        ("complete", cmd_complete, "complete a claim you hold"),
+        ("fail", cmd_fail, "fail a claim you hold (RetryPending while retries are left)"),
+        ("release", cmd_release, "give a claim back untouched (not a failure)"),
+    ):
+        sp = add(name, fn, help)
+        sp.add_argument("name")
+        identity(sp, False)
+        sp.add_argument("--attempt", type=int, help="the attempt you claimed (default: the current one, if yours)")
+        if name == "complete":
+            sp.add_argument("--result", help="the result (e.g. an image digest)")
+        if name == "fail":
+            sp.add_argument("--error", required=True, help="what went wrong")
+            sp.add_argument("--no-retry", action="store_true", help="not retryable: Failed at once")
+        if name == "release":
+            sp.add_argument("--reason")
+
+    ag = sub.add_parser("agent", help="run a ready-made agent").add_subparsers(dest="agent_command", required=True)
+    run = ag.add_parser(
+        "run",
+        parents=[common],
+        help="claim orders and run COMMAND for each",
+        description="Claim orders and run COMMAND for each: yamlContent on stdin, the order's fields in WORKORDER_* "
+        "variables. Exit 0 completes (the last line of stdout is the result); exit 75 fails retryably; other codes fail for good.",
+    )
+    run.set_defaults(fn=cmd_agent_run)
+    identity(run, True)
+    run.add_argument("--concurrency", type=int, default=1, help="orders run at once (default 1)")
+    run.add_argument("--timeout", type=float, help="kill COMMAND after this many seconds (retryable failure)")
+    run.add_argument(
+        "--retryable-exit-codes", default=str(EX_TEMPFAIL), help="comma-separated (default 75, EX_TEMPFAIL)"
+    )
+    run.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight work may finish on SIGTERM")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    return p
+
+
+def fail(error: CliError) -> NoReturn:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(error.code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubectl workorder", description="Work with WorkOrders.")
-    parser.add_argument("--version", action="version", version=f"kubectl-workorder {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = parser().parse_args(argv)
+    session = None
+    try:
+        session = Session(args)
+        return int(args.fn(session, args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        fail(explain(exc, session))
 
 
 if __name__ == "__main__":

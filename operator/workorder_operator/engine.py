@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ T = TypeVar("T")
 
 # After an unexpected API error, try the same order again this much later.
 ERROR_RETRY_SECONDS = 5.0
+# Events cost an API write each, as much as a transition: in a burst (1,000 claims expiring in
+# the same second) they are capped so they never halve the transition rate; the rest are dropped
+# (the status and its history still say everything).
+EVENTS_PER_SECOND = 10.0
+EVENT_BURST = 50.0
 
 # (order, type, reason, message) -> posted as a Kubernetes Event on the order (blocking I/O).
 EventSink = Callable[[WorkOrder, str, str, str], None]
@@ -72,7 +78,12 @@ class Engine:
         self.clock = clock
         self.scheduler = DeadlineScheduler(self._fire, concurrency=concurrency, clock=clock)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="workorder-api")
+        # Events go through their own small pool so a burst of them never queues ahead of transitions.
+        self._event_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workorder-events")
         self._post_event = post_event
+        self._event_tokens = EVENT_BURST
+        self._event_refilled = time.monotonic()
+        self.events_dropped = 0
         # Content the operator itself cannot run: a reason to fail the order at initialisation.
         self._reject = reject
         self._tracked: dict[str, _Tracked] = {}
@@ -100,7 +111,7 @@ class Engine:
         if self._reject is not None and lifecycle.needs_initialise(order):
             rejection = self._reject(order)
         tracked = self._track(order, tracked, rejection)
-        plan = lifecycle.plan(tracked.order, tracked.first_seen)
+        plan = _plan(tracked)
         if plan.at is None:
             self.scheduler.cancel(uid)
         else:
@@ -122,6 +133,12 @@ class Engine:
                 first_seen = previous.first_seen
             else:
                 first_seen = self.clock()
+                mark = max((t for t in (s.claimed_at, s.renewed_at) if t is not None), default=first_seen)
+                log.debug(
+                    "%s: claim sign of life seen %.3fs after the agent's mark",
+                    order.key,
+                    (first_seen - mark).total_seconds(),
+                )
         tracked = _Tracked(_compact(order), first_seen, sign, rejection)
         self._tracked[order.uid] = tracked
         return tracked
@@ -133,6 +150,7 @@ class Engine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._event_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _api(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -143,7 +161,7 @@ class Engine:
         if tracked is None:
             return
         order, now = tracked.order, self.clock()
-        plan = lifecycle.plan(order, tracked.first_seen)
+        plan = _plan(tracked)
         if plan.action is None or plan.at is None:
             return
         if plan.at > now:
@@ -163,9 +181,9 @@ class Engine:
             self.forget(uid)
             return
         except Conflict as exc:
-            # Someone wrote first (an agent renewed, completed, ...): decide again on fresh data.
+            # Someone wrote first (an agent claimed, renewed, completed, ...). The watch brings
+            # that newer version and `observe` decides again; reading it here would only add load.
             log.debug("%s", exc)
-            await self._refresh(order)
             return
         except Exception as exc:  # an API hiccup must not lose the deadline
             log.warning("%s: %s failed (%s); retrying in %.0fs", order.key, plan.action, exc, ERROR_RETRY_SECONDS)
@@ -184,21 +202,23 @@ class Engine:
             return lifecycle.expire(order, now, tracked.first_seen)
         return lifecycle.due(order, now)
 
-    async def _refresh(self, order: WorkOrder) -> None:
-        try:
-            body = await self._api(self.orders.get, order.namespace, order.name)
-        except NotFound:
-            self.forget(order.uid)
-            return
-        if body["metadata"].get("uid") != order.uid:
-            self.forget(order.uid)  # deleted and recreated under the same name
-            return
-        self.observe("MODIFIED", body)
-
     def _event(self, order: WorkOrder, kind: str, reason: str, message: str) -> None:
-        """Posted in the background: an event is never worth delaying the next deadline."""
-        if self._post_event is not None:
-            self._pool.submit(self._post_event, order, kind, reason, message)
+        """Posted in the background and rate-limited: an event is never worth delaying a deadline."""
+        if self._post_event is None:
+            return
+        now = time.monotonic()
+        self._event_tokens = min(EVENT_BURST, self._event_tokens + (now - self._event_refilled) * EVENTS_PER_SECOND)
+        self._event_refilled = now
+        if self._event_tokens < 1:
+            self.events_dropped += 1
+            log.debug("%s: event %s dropped (rate limit)", order.key, reason)
+            return
+        self._event_tokens -= 1
+        self._event_pool.submit(self._post_event, order, kind, reason, message)
+
+
+def _plan(tracked: _Tracked) -> lifecycle.Plan:
+    return lifecycle.plan(tracked.order, tracked.first_seen, rejected=tracked.rejection is not None)
 
 
 def _name(body: dict[str, Any]) -> tuple[str, str]:

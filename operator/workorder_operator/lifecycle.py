@@ -26,6 +26,9 @@ from workorder_operator.model import Outcome, Phase, WorkOrder, format_time
 from workorder_operator.targeting import AgentIdentity, admits
 
 HISTORY_LIMIT = 10
+# A new order is claimable at once (CRD defaults); the operator adds its conditions only if no
+# agent has claimed it within this grace, so a busy queue costs no extra write per order.
+INITIALISE_GRACE = dt.timedelta(seconds=1)
 MESSAGE_LIMIT = 4096
 RESULT_LIMIT = 16384
 
@@ -350,11 +353,12 @@ class Plan:
     at: dt.datetime | None = None
 
 
-def plan(order: WorkOrder, first_seen: dt.datetime | None = None) -> Plan:
-    """The operator's next step, independent of the current time: the scheduler runs it at `at`."""
+def plan(order: WorkOrder, first_seen: dt.datetime | None = None, *, rejected: bool = False) -> Plan:
+    """The operator's next step, independent of the current time: the scheduler runs it at `at`.
+    `rejected`: the operator cannot run this order's content, so it fails it without delay."""
     s = order.status
     if needs_initialise(order):
-        return Plan(Action.INITIALISE, order.created_at)
+        return Plan(Action.INITIALISE, order.created_at if rejected else order.created_at + INITIALISE_GRACE)
     if s.phase == Phase.CLAIMED:
         return Plan(Action.EXPIRE, claim_deadline(order, first_seen))
     if s.phase == Phase.RETRY_PENDING:

@@ -596,8 +596,12 @@ def test_last_transition_time_moves_only_when_a_condition_changes_status() -> No
 # --- plan ---------------------------------------------------------------------------------------
 
 
-def test_plan_initialises_a_new_order_at_once() -> None:
-    assert lc.plan(make_order(status=CRD_DEFAULT_STATUS)) == Plan(Action.INITIALISE, CREATED)
+def test_plan_initialises_a_new_order_after_a_grace_that_lets_agents_claim_first() -> None:
+    assert lc.plan(make_order(status=CRD_DEFAULT_STATUS)) == Plan(Action.INITIALISE, CREATED + lc.INITIALISE_GRACE)
+
+
+def test_plan_rejects_content_it_cannot_run_at_once() -> None:
+    assert lc.plan(make_order(status=CRD_DEFAULT_STATUS), rejected=True) == Plan(Action.INITIALISE, CREATED)
 
 
 def test_plan_has_nothing_to_do_for_an_initialised_pending_order() -> None:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# make demo: a visible end-to-end run on the local control plane. Watch it in another terminal:
+#   kubectl --kubeconfig .local/kubeconfig get wo -n demo -w
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export KUBECONFIG=$PWD/.local/kubeconfig
+ns=demo
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+table() { kubectl get wo -n "$ns" -o wide 2>/dev/null | sed 's/^/   /'; }
+
+python -m workorder_operator.envtest crds >/dev/null
+kubectl delete namespace "$ns" --ignore-not-found --wait=true >/dev/null
+kubectl create namespace "$ns" >/dev/null
+
+say "operator starting (log: .local/demo-operator.log)"
+workorder-operator -n "$ns" > .local/demo-operator.log 2>&1 & pids+=($!)
+sleep 3
+
+say "watch along:  kubectl --kubeconfig .local/kubeconfig get wo -n $ns -w"
+sleep 3
+
+say "creating orders"
+for i in 1 2 3 4; do
+  echo "mode: ok" | kubectl workorder create -n "$ns" --type script --name "job-$i" --priority "$i" -f -
+done
+echo "mode: flaky" | kubectl workorder create -n "$ns" --type script --name flaky --backoff 3 -f -
+echo "mode: ok" | kubectl workorder create -n "$ns" --type script --name abandoned --claim-timeout 5 -f -
+
+say "a shell agent claims 'abandoned' and then vanishes without renewing (its claim expires after 5 s)"
+kubectl workorder claim abandoned -n "$ns" --id 00000000-0000-4000-8000-00000000dead
+
+say "two agents start: agent-a and agent-b run examples/demo-work.sh for each order"
+kubectl workorder agent run -n "$ns" --type script --id 0000000a-0000-4000-8000-000000000000 -- examples/demo-work.sh & pids+=($!)
+kubectl workorder agent run -n "$ns" --type script --id 0000000b-0000-4000-8000-000000000000 -- examples/demo-work.sh & pids+=($!)
+
+for _ in $(seq 1 60); do
+  sleep 2
+  say "$(date +%T)"; table
+  if [ "$(kubectl get wo -n "$ns" --field-selector status.phase=Completed -o name | wc -l)" -eq 6 ]; then break; fi
+done
+
+say "all done; the flaky order's history shows the retry, the abandoned one the expiry"
+kubectl workorder history flaky -n "$ns"
+kubectl workorder history abandoned -n "$ns"
+kubectl get events -n "$ns" --field-selector reason=Expire -o custom-columns=REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message
+[ "$(kubectl get wo -n "$ns" --field-selector status.phase=Completed -o name | wc -l)" -eq 6 ]

@@ -1,0 +1,377 @@
+"""The agent SDK: take WorkOrders and report back, with the claim protocol handled for you.
+
+    from workorder_operator.agent import Agent
+    from workorder_operator.kube import api_client
+
+    agent = Agent(api_client(), id="6f1c...", work_types=["backup"], labels=["zone-a"])
+    claim = agent.claim_next()              # highest priority, oldest first; None if nothing is free
+    if claim:
+        with claim.renewing():              # heartbeats in the background while the work runs
+            digest = do_the_work(claim.order.spec.yaml_content)
+        claim.complete(digest)              # or claim.fail("why", retryable=False), claim.release()
+
+    agent.run(handler, concurrency=4)       # or: a watch-driven loop that does all of the above
+
+Every write is a compare-and-swap made by `lifecycle` (guarded by phase, claimedBy and the
+attempt number, the fencing token), so a stale handle can never touch a re-claimed order: it
+raises `ClaimLost` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+from workorder_operator import lifecycle
+from workorder_operator.kube import Conflict, NotFound, WorkOrders
+from workorder_operator.lifecycle import StatusWrite, TransitionError
+from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
+from workorder_operator.targeting import AgentIdentity, admits
+
+log = logging.getLogger(__name__)
+
+
+class ClaimLost(Exception):
+    """The claim this handle holds is gone (expired and re-claimed, released, finished, deleted)."""
+
+
+class Failure(Exception):
+    """Raise from a `run` handler to fail the attempt; `retryable=False` makes the order Failed at once."""
+
+    def __init__(self, error: str, *, retryable: bool = True) -> None:
+        super().__init__(error)
+        self.retryable = retryable
+
+
+def order_sort_key(order: WorkOrder) -> tuple[int, Any, str]:
+    """The offer order: priority high first, then oldest first (name breaks ties)."""
+    return (-order.spec.priority, order.created_at, order.key)
+
+
+class Claim:
+    """A claimed order. Thread-safe: the background renewal and the worker may share it."""
+
+    def __init__(self, agent: Agent, order: WorkOrder) -> None:
+        self.agent = agent
+        self.order = order
+        self.attempt = order.status.attempt
+        self.done = False
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.order.name
+
+    def renew(self) -> None:
+        self._write("renew", lambda o, now: lifecycle.renew(o, self.agent.id, self.attempt, now), final=False)
+
+    def complete(self, result: str = "") -> None:
+        self._write("complete", lambda o, now: lifecycle.complete(o, self.agent.id, self.attempt, result, now))
+
+    def fail(self, error: str, *, retryable: bool = True) -> None:
+        self._write(
+            "fail", lambda o, now: lifecycle.fail(o, self.agent.id, self.attempt, error, now, retryable=retryable)
+        )
+
+    def release(self, reason: str = "") -> None:
+        self._write("release", lambda o, now: lifecycle.release(o, self.agent.id, self.attempt, now, reason))
+
+    def _write(self, what: str, make: Callable[[WorkOrder, Any], StatusWrite], *, final: bool = True) -> None:
+        with self._lock:
+            if self.done:
+                raise ClaimLost(f"{self.order.key}: attempt {self.attempt} is already finished")
+            for _ in range(3):
+                try:
+                    body = self.agent.orders.write_status(self.order, make(self.order, utcnow()))
+                except (Conflict, TransitionError) as exc:
+                    # Our copy may just be old; the guards say whether the claim is still ours.
+                    self._refresh(what, exc)
+                    continue
+                except NotFound as exc:
+                    self.done = True
+                    raise ClaimLost(f"{self.order.key}: {what} failed: the order was deleted") from exc
+                self.order = WorkOrder.from_body(body)
+                self.done = final
+                return
+            raise ClaimLost(f"{self.order.key}: {what} kept losing races; giving up")
+
+    def _refresh(self, what: str, cause: Exception) -> None:
+        try:
+            fresh = WorkOrder.from_body(self.agent.orders.get(self.order.namespace, self.order.name))
+        except NotFound as exc:
+            self.done = True
+            raise ClaimLost(f"{self.order.key}: {what} failed: the order was deleted") from exc
+        s = fresh.status
+        if (
+            fresh.uid != self.order.uid
+            or s.phase != Phase.CLAIMED
+            or s.claimed_by != self.agent.id
+            or s.attempt != self.attempt
+        ):
+            self.done = True
+            now = f"{s.phase}" + (f", attempt {s.attempt} of agent {s.claimed_by}" if s.claimed_by else "")
+            raise ClaimLost(
+                f"{self.order.key}: {what} refused: the claim of attempt {self.attempt} is lost (order is now {now}"
+                + (f"; {s.last_error}" if s.last_error and s.phase != Phase.CLAIMED else "")
+                + ")"
+            ) from cause
+        self.order = fresh
+
+    @contextlib.contextmanager
+    def renewing(self, interval: float | None = None) -> Iterator[threading.Event]:
+        """Renew in the background every `interval` seconds (default: a third of the claim
+        timeout, so two renewals can fail before the claim expires). Yields an Event that is set
+        when the claim is lost, so long work can stop early."""
+        every = interval or max(0.2, self.order.spec.claim_timeout_seconds / 3)
+        stop, lost = threading.Event(), threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    self.renew()
+                except ClaimLost as exc:
+                    log.warning("%s", exc)
+                    lost.set()
+                    return
+                except Exception as exc:  # a blip: the next tick tries again, well before expiry
+                    log.warning("%s: renew failed (%s); trying again in %.1fs", self.order.key, exc, every)
+
+        thread = threading.Thread(target=loop, name=f"renew-{self.name}", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            stop.set()
+            thread.join()
+
+
+class Agent:
+    """An agent identity and what it takes: work types, namespace (None: all)."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        id: str | None = None,
+        *,
+        work_types: Sequence[str] = (),
+        labels: Sequence[str] = (),
+        annotations: dict[str, str] | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        self.api = api
+        self.identity = AgentIdentity(id or str(uuid.uuid4()), tuple(labels), dict(annotations or {}))
+        self.work_types = tuple(work_types)
+        self.namespace = namespace
+        self.orders = WorkOrders(api, f"workorder-agent-{self.id[:8]}")
+
+    @property
+    def id(self) -> str:
+        return self.identity.id
+
+    # --- finding and claiming -------------------------------------------------------------------
+
+    def _selector(self) -> str:
+        """Narrow server-side: Pending, and the work type when there is exactly one (selectors cannot OR)."""
+        selector = f"status.phase={Phase.PENDING}"
+        if len(self.work_types) == 1:
+            selector += f",spec.workType={self.work_types[0]}"
+        return selector
+
+    def takes(self, order: WorkOrder) -> bool:
+        return (
+            order.status.phase == Phase.PENDING
+            and (not self.work_types or order.spec.work_type in self.work_types)
+            and admits(order.spec.targeting, self.identity)
+        )
+
+    def candidates(self) -> list[WorkOrder]:
+        """Claimable orders, in offer order."""
+        bodies, _ = self.orders.list(self.namespace, field_selector=self._selector())
+        orders = [WorkOrder.from_body(b) for b in bodies]
+        return sorted((o for o in orders if self.takes(o)), key=order_sort_key)
+
+    def claim(self, order: WorkOrder) -> Claim | None:
+        """Claim this order; None if another agent was faster (that is normal)."""
+        try:
+            body = self.orders.write_status(order, lifecycle.claim(order, self.identity, utcnow()))
+        except (Conflict, TransitionError, NotFound):
+            return None
+        return Claim(self, WorkOrder.from_body(body))
+
+    def claim_next(self, candidates: Sequence[WorkOrder] | None = None) -> Claim | None:
+        """The first candidate this agent wins, trying the next on each lost race."""
+        for order in candidates if candidates is not None else self.candidates():
+            claim = self.claim(order)
+            if claim is not None:
+                return claim
+        return None
+
+    # --- the run loop ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        handler: Callable[[Claim], str | None],
+        *,
+        concurrency: int = 1,
+        stop: threading.Event | None = None,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        """Take orders until `stop` is set: a watch on Pending orders wakes the loop at once.
+
+        For each claim, `handler(claim)` runs in a worker thread with background renewal. Its
+        return value completes the order (the result); `Failure` fails it (retryable or not); any
+        other exception fails it as retryable. A handler may also finish the claim itself.
+        On stop, no new orders are claimed; in-flight handlers get `shutdown_grace` seconds to
+        finish, then their orders are released, so nothing stays claimed by an agent that left.
+        """
+        stop = stop or threading.Event()
+        pending = PendingOrders(self, stop)
+        pending.start()
+        in_flight: dict[str, tuple[Claim, Future[None]]] = {}
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="workorder-work") as pool:
+            try:
+                while not stop.is_set():
+                    for key in [k for k, (_, f) in in_flight.items() if f.done()]:
+                        del in_flight[key]
+                    if len(in_flight) < concurrency and (claim := self._claim_from(pending)) is not None:
+                        in_flight[claim.order.key] = (claim, pool.submit(self._work, claim, handler))
+                        continue
+                    pending.changed.wait(0.5)
+                    pending.changed.clear()
+            finally:
+                stop.set()
+                pending.stop()
+                deadline = time.monotonic() + shutdown_grace
+                for claim, future in in_flight.values():
+                    with contextlib.suppress(Exception):
+                        future.result(timeout=max(0.0, deadline - time.monotonic()))
+                    if not claim.done:
+                        with contextlib.suppress(ClaimLost):
+                            claim.release("agent shutting down")
+                            log.info("%s: released (agent shutting down)", claim.order.key)
+
+    def _claim_from(self, pending: PendingOrders) -> Claim | None:
+        for order in pending.snapshot():
+            claim = self.claim(order)
+            # Won or lost, this version is no longer Pending; the watch brings it back if it is again.
+            pending.discard(order)
+            if claim is not None:
+                return claim
+        return None
+
+    def _work(self, claim: Claim, handler: Callable[[Claim], str | None]) -> None:
+        try:
+            with claim.renewing():
+                result = handler(claim)
+            if not claim.done:
+                claim.complete(result or "")
+        except ClaimLost as exc:
+            log.warning("%s", exc)
+        except Failure as exc:
+            self._fail(claim, str(exc), exc.retryable)
+        except Exception as exc:
+            self._fail(claim, f"{type(exc).__name__}: {exc}", True)
+
+    @staticmethod
+    def _fail(claim: Claim, error: str, retryable: bool) -> None:
+        if claim.done:
+            return
+        try:
+            claim.fail(error, retryable=retryable)
+        except ClaimLost as exc:
+            log.warning("%s", exc)
+
+
+class PendingOrders:
+    """A live view of the Pending orders an agent could take, fed by a watch.
+
+    Lists once, then watches from the list's resourceVersion; on 410 Gone or any connection
+    error (an API server restart) it lists again after a short backoff. An order leaving
+    Pending leaves the field-selected watch as a DELETED event."""
+
+    def __init__(self, agent: Agent, stop: threading.Event) -> None:
+        self.agent = agent
+        self._stop = stop
+        self._orders: dict[str, WorkOrder] = {}
+        self._lock = threading.Lock()
+        self.changed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="workorder-watch", daemon=True)
+        self._watch: watch.Watch | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+    def snapshot(self) -> list[WorkOrder]:
+        with self._lock:
+            return sorted((o for o in self._orders.values() if self.agent.takes(o)), key=order_sort_key)
+
+    def discard(self, order: WorkOrder) -> None:
+        """Forget this version of an order (a newer one the watch already brought stays)."""
+        with self._lock:
+            held = self._orders.get(order.key)
+            if held is not None and held.resource_version == order.resource_version:
+                del self._orders[order.key]
+
+    def _loop(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self._list_and_watch()
+                backoff = 0.2
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("watch of pending orders interrupted (%s); reconnecting in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _list_and_watch(self) -> None:
+        bodies, version = self.agent.orders.list(self.agent.namespace, field_selector=self.agent._selector())
+        with self._lock:
+            self._orders = {(o := WorkOrder.from_body(b)).key: o for b in bodies}
+        self.changed.set()
+        objects = client.CustomObjectsApi(self.agent.api)
+        args: tuple[Any, ...] = (
+            (GROUP, VERSION, self.agent.namespace, PLURAL) if self.agent.namespace else (GROUP, VERSION, PLURAL)
+        )
+        lister = objects.list_namespaced_custom_object if self.agent.namespace else objects.list_cluster_custom_object
+        while not self._stop.is_set():
+            self._watch = watch.Watch()
+            try:
+                for event in self._watch.stream(
+                    lister, *args, field_selector=self.agent._selector(), resource_version=version,
+                    timeout_seconds=300, allow_watch_bookmarks=True,
+                ):  # fmt: skip
+                    body = event["object"]
+                    if event["type"] == "ERROR":
+                        raise ApiException(status=body.get("code"), reason=body.get("message"))
+                    version = body["metadata"]["resourceVersion"]
+                    if event["type"] == "BOOKMARK":
+                        continue
+                    order = WorkOrder.from_body(body)
+                    with self._lock:
+                        if event["type"] == "DELETED" or order.status.phase != Phase.PENDING:
+                            self._orders.pop(order.key, None)
+                        else:
+                            self._orders[order.key] = order
+                    self.changed.set()
+                    if self._stop.is_set():
+                        return
+            except ApiException as exc:
+                if exc.status == 410:  # our resourceVersion is too old: list again
+                    return
+                raise

@@ -1,0 +1,226 @@
+"""`kubectl workorder` end to end: the real kubectl finds and runs the plugin against the real API server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import Cluster
+from tests.support import Agent, create_order, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl-workorder") is None, reason="plugin not on PATH (make test)")
+
+AGENT_ID = str(uuid.uuid4())
+
+
+def kubectl(
+    cluster: Cluster, *args: str, kubeconfig: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig or cluster.kubeconfig))
+    return subprocess.run(
+        ["kubectl", "workorder", *args], capture_output=True, text=True, env=env, input=stdin, timeout=60
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_create_list_get_seed_and_history(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    content = tmp_path / "build.yaml"
+    content.write_text("apiVersion: shipwright.io/v1beta1\nkind: Build\nmetadata: {name: app}\n")
+    out = ok(kubectl(cluster, "create", "-n", namespace, "--type", "backup", "-f", str(content), "--name", "nightly",
+                     "--max-retries", "5", "--priority", "7", "--target-label", "zone-a"))  # fmt: skip
+    assert out.strip() == "workorder.workorder.dev/nightly created"
+    generated = ok(kubectl(cluster, "create", "-n", namespace, "--type", "test", "-f", "-", stdin="x: 1\n"))
+    assert generated.startswith("workorder.workorder.dev/test-")
+
+    table = ok(kubectl(cluster, "list", "-n", namespace)).splitlines()
+    assert table[0].split() == ["NAME", "TYPE", "PHASE", "CLAIMED-BY", "RETRIES", "AGE"]
+    assert len(table) == 3
+    only = ok(kubectl(cluster, "list", "-n", namespace, "--type", "backup", "--phase", "Pending")).splitlines()
+    assert [line.split()[0] for line in only[1:]] == ["nightly"]
+
+    body = json.loads(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "json")))
+    assert body["spec"]["maxRetries"] == 5 and body["spec"]["targeting"] == {"labels": ["zone-a"]}
+    seed = json.loads(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "seed")))
+    assert len(seed) == 15 and seed["status"] == "PENDING" and seed["id"] == body["metadata"]["uid"]
+    assert seed["yaml_content"] == content.read_text()
+    assert (
+        yaml.safe_load(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "yaml")))["metadata"]["name"]
+        == "nightly"
+    )
+
+    a = Agent(cluster.api, AGENT_ID, labels=("zone-a",))
+    a.fail(a.claim(a.read(namespace, "nightly")), "network down")
+    history = ok(kubectl(cluster, "history", "nightly", "-n", namespace)).splitlines()
+    assert history[0].split()[:2] == ["ATTEMPT", "AGENT"]
+    assert "Failed" in history[1] and "network down" in history[1]
+
+
+def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> None:
+    create_order(cluster.api, namespace, "low", priority=1)
+    create_order(cluster.api, namespace, "high", priority=9)
+    out = ok(kubectl(cluster, "claim", "-n", namespace, "--id", AGENT_ID, "--type", "test"))
+    assert out.split() == ["high", "1"]  # priority first
+    ok(kubectl(cluster, "renew", "high", "-n", namespace, "--id", AGENT_ID))
+    ok(kubectl(cluster, "complete", "high", "-n", namespace, "--id", AGENT_ID, "--result", "sha256:feed"))
+    got = json.loads(ok(kubectl(cluster, "get", "high", "-n", namespace, "-o", "json")))
+    assert got["status"]["phase"] == "Completed" and got["status"]["result"] == "sha256:feed"
+
+    # Completing again: the claim is over -> exit 7 with a one-line reason.
+    again = kubectl(cluster, "complete", "high", "-n", namespace, "--id", AGENT_ID)
+    assert again.returncode == 7
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+    ok(kubectl(cluster, "claim", "low", "-n", namespace, "--id", AGENT_ID))
+    ok(kubectl(cluster, "release", "low", "-n", namespace, "--id", AGENT_ID, "--reason", "maintenance"))
+    assert json.loads(ok(kubectl(cluster, "get", "low", "-n", namespace, "-o", "json")))["status"]["phase"] == "Pending"
+
+    nothing = kubectl(cluster, "claim", "-n", namespace, "--id", AGENT_ID, "--type", "nonexistent")
+    assert nothing.returncode == 8 and "nothing to claim" in nothing.stderr
+
+
+def test_fail_no_retry_then_requeue(cluster: Cluster, namespace: str) -> None:
+    create_order(cluster.api, namespace, "job", maxRetries=3)
+    ok(kubectl(cluster, "claim", "job", "-n", namespace, "--id", AGENT_ID))
+    assert "Failed" in ok(
+        kubectl(cluster, "fail", "job", "-n", namespace, "--id", AGENT_ID, "--error", "bad", "--no-retry")
+    )
+    not_failed = kubectl(cluster, "requeue", "missing", "-n", namespace)
+    assert not_failed.returncode == 6 and "not found" in not_failed.stderr
+    ok(kubectl(cluster, "requeue", "job", "-n", namespace))
+    status = json.loads(ok(kubectl(cluster, "get", "job", "-n", namespace, "-o", "json")))["status"]
+    assert status["phase"] == "Pending" and status["retryCount"] == 0
+
+
+def test_errors_are_one_actionable_line(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    missing = kubectl(cluster, "get", "nope", "-n", namespace)
+    assert missing.returncode == 6 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+
+    nowhere = tmp_path / "nowhere"
+    cfg = yaml.safe_load(cluster.kubeconfig.read_text())
+    cfg["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:1"
+    nowhere.write_text(yaml.safe_dump(cfg))
+    down = kubectl(cluster, "list", "-n", namespace, kubeconfig=nowhere)
+    assert down.returncode == 3 and "cannot reach" in down.stderr and "Traceback" not in down.stderr
+
+    stranger = cluster.user_kubeconfig("stranger")
+    denied = kubectl(cluster, "list", "-n", namespace, kubeconfig=stranger)
+    assert denied.returncode == 5 and "forbidden" in denied.stderr and "Traceback" not in denied.stderr
+
+
+def test_error_for_a_missing_crd_names_the_fix() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from workorder_operator.cli import explain
+
+    err = explain(ApiException(status=404, reason="Not Found"), None)
+    assert err.code == 4 and "kubectl apply --server-side -f crds/" in str(err)
+
+
+SCRIPT = """
+import os, sys
+content = sys.stdin.read()
+mode = content.split(":")[1].strip()
+print("working on", os.environ["WORKORDER_NAME"], "attempt", os.environ["WORKORDER_ATTEMPT"], flush=True)
+if mode == "ok":
+    print("sha256:" + os.environ["WORKORDER_NAME"])
+    sys.exit(0)
+if mode == "tempfail":
+    print("try later", file=sys.stderr)
+    sys.exit(75)
+if mode == "sleep":
+    import time
+    time.sleep(60)
+print("broken input", file=sys.stderr)
+sys.exit(3)
+"""
+
+
+def start_agent(cluster: Cluster, namespace: str, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    script = tmp_path / "work.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
+    return subprocess.Popen(
+        ["kubectl", "workorder", "agent", "run", "-n", namespace, "--id", AGENT_ID, "--type", "script",
+         *extra, "--", sys.executable, str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+
+
+def stop_agent(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def test_agent_run_turns_a_script_into_an_agent(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    proc = start_agent(cluster, namespace, tmp_path, "--concurrency", "3")
+    try:
+        create_order(cluster.api, namespace, "good", workType="script", yamlContent="mode: ok")
+        create_order(
+            cluster.api, namespace, "flaky", workType="script", yamlContent="mode: tempfail", backoffSeconds=600
+        )
+        create_order(cluster.api, namespace, "broken", workType="script", yamlContent="mode: broken")
+        create_order(cluster.api, namespace, "other", workType="not-mine")
+        a = Agent(cluster.api, AGENT_ID)
+
+        def settled() -> bool:
+            phases = {n: a.read(namespace, n).status.phase for n in ("good", "flaky", "broken")}
+            return phases == {"good": "Completed", "flaky": "RetryPending", "broken": "Failed"}
+
+        wait_for(settled, timeout=20, what="all three scripted orders to settle")
+        good = a.read(namespace, "good")
+        assert good.status.result == "sha256:good"
+        assert "exit code 75" in (a.read(namespace, "flaky").status.last_error or "")
+        assert "broken input" in (a.read(namespace, "broken").status.result or "")
+        assert a.read(namespace, "other").status.phase == "Pending"
+    finally:
+        out = stop_agent(proc)
+    assert proc.returncode == 0, out
+    assert "[good] working on good attempt 1" in out
+
+
+def test_agent_run_sigterm_releases_in_flight_orders(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    proc = start_agent(cluster, namespace, tmp_path, "--shutdown-grace", "1")
+    try:
+        create_order(cluster.api, namespace, "long", workType="script", yamlContent="mode: sleep")
+        a = Agent(cluster.api, AGENT_ID)
+        wait_for(lambda: a.read(namespace, "long").status.phase == "Claimed", timeout=10)
+        time.sleep(0.5)
+        started = time.monotonic()
+    finally:
+        out = stop_agent(proc)
+    assert proc.returncode == 0, out
+    assert time.monotonic() - started < 15
+    order = a.read(namespace, "long")
+    assert order.status.phase == "Pending"
+    assert order.raw_status["history"][-1]["outcome"] == "Released"
+
+
+def test_agent_run_timeout_kills_and_fails_the_attempt(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    proc = start_agent(cluster, namespace, tmp_path, "--timeout", "1")
+    try:
+        create_order(cluster.api, namespace, "stuck", workType="script", yamlContent="mode: sleep", backoffSeconds=600)
+        a = Agent(cluster.api, AGENT_ID)
+        order = wait_for(lambda: (o := a.read(namespace, "stuck")).status.phase == "RetryPending" and o, timeout=15)
+        assert "timed out after 1s" in (order.status.last_error or "")
+    finally:
+        stop_agent(proc)
