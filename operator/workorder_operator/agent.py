@@ -65,6 +65,9 @@ class Claim:
         self.order = order
         self.attempt = order.status.attempt
         self.done = False
+        # Set when background renewal finds the claim gone: long work should stop.
+        self.lost = threading.Event()
+        self._lost: str | None = None  # why the claim is gone, for every later call on this handle
         self._lock = threading.Lock()
 
     @property
@@ -85,10 +88,16 @@ class Claim:
     def release(self, reason: str = "") -> None:
         self._write("release", lambda o, now: lifecycle.release(o, self.agent.id, self.attempt, now, reason))
 
+    def detach(self) -> None:
+        """Stop handling this claim without a word to the API: it stays held (and expires unless
+        renewed). For agents that resume their claims after a restart (`Agent.run(resume=True)`)."""
+        with self._lock:
+            self.done = True
+
     def _write(self, what: str, make: Callable[[WorkOrder, Any], StatusWrite], *, final: bool = True) -> None:
         with self._lock:
             if self.done:
-                raise ClaimLost(f"{self.order.key}: attempt {self.attempt} is already finished")
+                raise ClaimLost(self._lost or f"{self.order.key}: attempt {self.attempt} is already finished")
             for _ in range(3):
                 try:
                     body = self.agent.orders.write_status(self.order, make(self.order, utcnow()))
@@ -97,8 +106,7 @@ class Claim:
                     self._refresh(what, exc)
                     continue
                 except NotFound as exc:
-                    self.done = True
-                    raise ClaimLost(f"{self.order.key}: {what} failed: the order was deleted") from exc
+                    raise self._lose(f"{self.order.key}: {what} failed: the order was deleted") from exc
                 self.order = WorkOrder.from_body(body)
                 self.done = final
                 return
@@ -108,8 +116,7 @@ class Claim:
         try:
             fresh = WorkOrder.from_body(self.agent.orders.get(self.order.namespace, self.order.name))
         except NotFound as exc:
-            self.done = True
-            raise ClaimLost(f"{self.order.key}: {what} failed: the order was deleted") from exc
+            raise self._lose(f"{self.order.key}: {what} failed: the order was deleted") from exc
         s = fresh.status
         if (
             fresh.uid != self.order.uid
@@ -117,14 +124,18 @@ class Claim:
             or s.claimed_by != self.agent.id
             or s.attempt != self.attempt
         ):
-            self.done = True
             now = f"{s.phase}" + (f", attempt {s.attempt} of agent {s.claimed_by}" if s.claimed_by else "")
-            raise ClaimLost(
+            raise self._lose(
                 f"{self.order.key}: {what} refused: the claim of attempt {self.attempt} is lost (order is now {now}"
                 + (f"; {s.last_error}" if s.last_error and s.phase != Phase.CLAIMED else "")
                 + ")"
             ) from cause
         self.order = fresh
+
+    def _lose(self, message: str) -> ClaimLost:
+        self.done = True
+        self._lost = message
+        return ClaimLost(message)
 
     @contextlib.contextmanager
     def renewing(self, interval: float | None = None) -> Iterator[threading.Event]:
@@ -132,7 +143,7 @@ class Claim:
         timeout, so two renewals can fail before the claim expires). Yields an Event that is set
         when the claim is lost, so long work can stop early."""
         every = interval or max(0.2, self.order.spec.claim_timeout_seconds / 3)
-        stop, lost = threading.Event(), threading.Event()
+        stop, lost = threading.Event(), self.lost
 
         def loop() -> None:
             while not stop.wait(every):
@@ -172,10 +183,24 @@ class Agent:
         self.work_types = tuple(work_types)
         self.namespace = namespace
         self.orders = WorkOrders(api, f"workorder-agent-{self.id[:8]}")
+        self._user: str | None = None
 
     @property
     def id(self) -> str:
         return self.identity.id
+
+    @property
+    def user(self) -> str | None:
+        """This agent's Kubernetes username (asked once, with a SelfSubjectReview): recorded in
+        each claim, so the admission policy lets only this identity act on it."""
+        if self._user is None:
+            try:
+                review = client.AuthenticationV1Api(self.api).create_self_subject_review({})
+                self._user = str(review.status.user_info.username)
+            except (ApiException, AttributeError) as exc:
+                log.warning("cannot tell this agent's Kubernetes username (%s); claims will not record it", exc)
+                self._user = ""
+        return self._user or None
 
     # --- finding and claiming -------------------------------------------------------------------
 
@@ -186,10 +211,13 @@ class Agent:
             selector += f",spec.workType={self.work_types[0]}"
         return selector
 
+    def takes_type(self, order: WorkOrder) -> bool:
+        return not self.work_types or order.spec.work_type in self.work_types
+
     def takes(self, order: WorkOrder) -> bool:
         return (
             order.status.phase == Phase.PENDING
-            and (not self.work_types or order.spec.work_type in self.work_types)
+            and self.takes_type(order)
             and admits(order.spec.targeting, self.identity)
         )
 
@@ -202,10 +230,16 @@ class Agent:
     def claim(self, order: WorkOrder) -> Claim | None:
         """Claim this order; None if another agent was faster (that is normal)."""
         try:
-            body = self.orders.write_status(order, lifecycle.claim(order, self.identity, utcnow()))
+            body = self.orders.write_status(order, lifecycle.claim(order, self.identity, utcnow(), self.user))
         except (Conflict, TransitionError, NotFound):
             return None
         return Claim(self, WorkOrder.from_body(body))
+
+    def held(self) -> list[Claim]:
+        """Handles on the claims this agent id holds now: after a restart, resume them."""
+        bodies, _ = self.orders.list(self.namespace, field_selector=f"status.phase={Phase.CLAIMED}")
+        orders = (WorkOrder.from_body(b) for b in bodies)
+        return [Claim(self, o) for o in orders if o.status.claimed_by == self.id and self.takes_type(o)]
 
     def claim_next(self, candidates: Sequence[WorkOrder] | None = None) -> Claim | None:
         """The first candidate this agent wins, trying the next on each lost race."""
@@ -224,6 +258,7 @@ class Agent:
         concurrency: int = 1,
         stop: threading.Event | None = None,
         shutdown_grace: float = 10.0,
+        resume: bool = False,
     ) -> None:
         """Take orders until `stop` is set: a watch on Pending orders wakes the loop at once.
 
@@ -232,32 +267,45 @@ class Agent:
         other exception fails it as retryable. A handler may also finish the claim itself.
         On stop, no new orders are claimed; in-flight handlers get `shutdown_grace` seconds to
         finish, then their orders are released, so nothing stays claimed by an agent that left.
+        `resume`: first take up the claims this agent id already holds (a restarted agent whose
+        work can continue, e.g. a build it only has to keep watching).
         """
         stop = stop or threading.Event()
         pending = PendingOrders(self, stop)
         pending.start()
         in_flight: dict[str, tuple[Claim, Future[None]]] = {}
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="workorder-work") as pool:
-            try:
-                while not stop.is_set():
-                    for key in [k for k, (_, f) in in_flight.items() if f.done()]:
-                        del in_flight[key]
-                    if len(in_flight) < concurrency and (claim := self._claim_from(pending)) is not None:
-                        in_flight[claim.order.key] = (claim, pool.submit(self._work, claim, handler))
-                        continue
-                    pending.changed.wait(0.5)
-                    pending.changed.clear()
-            finally:
-                stop.set()
-                pending.stop()
-                deadline = time.monotonic() + shutdown_grace
-                for claim, future in in_flight.values():
-                    with contextlib.suppress(Exception):
-                        future.result(timeout=max(0.0, deadline - time.monotonic()))
-                    if not claim.done:
-                        with contextlib.suppress(ClaimLost):
-                            claim.release("agent shutting down")
-                            log.info("%s: released (agent shutting down)", claim.order.key)
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix="workorder-work")
+        try:
+            for held in self.held() if resume else ():
+                log.info("%s: resuming attempt %d", held.order.key, held.attempt)
+                in_flight[held.order.key] = (held, pool.submit(self._work, held, handler))
+            while not stop.is_set():
+                for key in [k for k, (_, f) in in_flight.items() if f.done()]:
+                    del in_flight[key]
+                try:
+                    claim = self._claim_from(pending) if len(in_flight) < concurrency else None
+                except Exception as exc:  # the API server is unreachable or failing: wait, do not give up
+                    log.warning("claiming failed (%s); trying again in 1s", exc)
+                    stop.wait(1.0)
+                    continue
+                if claim is not None:
+                    in_flight[claim.order.key] = (claim, pool.submit(self._work, claim, handler))
+                    continue
+                pending.changed.wait(0.5)
+                pending.changed.clear()
+        finally:
+            stop.set()
+            pending.stop()
+            # Not waited for: a handler still running after the grace is left behind (its order released).
+            pool.shutdown(wait=False)
+            deadline = time.monotonic() + shutdown_grace
+            for claim, future in in_flight.values():
+                with contextlib.suppress(Exception):
+                    future.result(timeout=max(0.0, deadline - time.monotonic()))
+                if not claim.done:
+                    with contextlib.suppress(ClaimLost):
+                        claim.release("agent shutting down")
+                        log.info("%s: released (agent shutting down)", claim.order.key)
 
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
         for order in pending.snapshot():
