@@ -16,7 +16,7 @@ kubectl delete namespace "$ns" --ignore-not-found --wait=true >/dev/null
 kubectl create namespace "$ns" >/dev/null
 
 say "operator starting (log: .local/demo-operator.log)"
-workorder-operator -n "$ns" > .local/demo-operator.log 2>&1 & pids+=($!)
+workorder-operator -n "$ns" --no-leader-election > .local/demo-operator.log 2>&1 & pids+=($!)
 sleep 3
 
 say "watch along:  kubectl --kubeconfig .local/kubeconfig get wo -n $ns -w"
@@ -28,6 +28,10 @@ for i in 1 2 3 4; do
 done
 echo "mode: flaky" | kubectl workorder create -n "$ns" --type script --name flaky --backoff 3 -f -
 echo "mode: ok" | kubectl workorder create -n "$ns" --type script --name abandoned --claim-timeout 5 -f -
+kubectl workorder create -n "$ns" --type build --name taxi-app -f examples/build-order.yaml
+
+say "the operator's build agent runs 'taxi-app' with Shipwright (a stand-in plays the Shipwright controller here)"
+PYTHONPATH=$PWD python examples/shipwright_standin.py "$ns" & pids+=($!)
 
 say "a shell agent claims 'abandoned' and then vanishes without renewing (its claim expires after 5 s)"
 kubectl workorder claim abandoned -n "$ns" --id 00000000-0000-4000-8000-00000000dead
@@ -39,11 +43,14 @@ kubectl workorder agent run -n "$ns" --type script --id 0000000b-0000-4000-8000-
 for _ in $(seq 1 60); do
   sleep 2
   say "$(date +%T)"; table
-  if [ "$(kubectl get wo -n "$ns" --field-selector status.phase=Completed -o name | wc -l)" -eq 6 ]; then break; fi
+  if [ "$(kubectl get wo -n "$ns" --field-selector status.phase=Completed -o name | wc -l)" -eq 7 ]; then break; fi
 done
 
 say "all done; the flaky order's history shows the retry, the abandoned one the expiry"
 kubectl workorder history flaky -n "$ns"
 kubectl workorder history abandoned -n "$ns"
 kubectl get events -n "$ns" --field-selector reason=Expire -o custom-columns=REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message
-[ "$(kubectl get wo -n "$ns" --field-selector status.phase=Completed -o name | wc -l)" -eq 6 ]
+say "the build order's result is the image digest; its BuildRun is taxi-app-1"
+kubectl get wo taxi-app -n "$ns" -o jsonpath='{.status.result}{"\n"}'
+kubectl get buildruns -n "$ns"
+[ "$(kubectl get wo -n "$ns" --field-selector status.phase=Completed -o name | wc -l)" -eq 7 ]

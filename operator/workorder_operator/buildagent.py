@@ -1,0 +1,198 @@
+"""The operator's built-in agent for `build` orders: it runs the Shipwright Builds in yamlContent.
+
+It is an ordinary SDK agent (its own id, labels and annotations, so targeting decides whether it or
+an external agent takes a given order), whose handler does one attempt:
+
+1. parse yamlContent (`build.parse_content`): content that cannot run fails the order for good;
+2. server-side apply the Builds in the order's namespace, owned by the order;
+3. wait for the Build to be registered ("False" fails for good with Shipwright's reason);
+4. create the attempt's own BuildRun (`<order>-<attempt>`), or find it again after a restart;
+5. watch its Succeeded condition: True completes with the image digest, False fails (retryable
+   per `build.RETRYABLE_REASONS`).
+
+The claim is renewed throughout; if it is lost (expired and re-claimed, or the order deleted) the
+BuildRun is cancelled. While the cluster has no Shipwright API, build orders are not claimed: each
+gets a Warning event and a condition saying so, and they run once Shipwright is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kubernetes import client
+
+from workorder_operator import build, lifecycle, metrics
+from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
+from workorder_operator.kube import Conflict, NotFound, post_event
+from workorder_operator.model import WorkOrder, utcnow
+from workorder_operator.shipwright import BUILDRUNS, BUILDS, Shipwright
+from workorder_operator.targeting import admits
+
+log = logging.getLogger(__name__)
+
+BUILD_TYPE = "build"
+# A stable default id, so a restarted operator recognises the builds it was running.
+DEFAULT_AGENT_ID = "5f0c6b52-5e0d-4c1e-9b1a-6275696c6430"
+WAITING_REASON = "ShipwrightNotInstalled"
+WAITING_MESSAGE = (
+    "the cluster has no Shipwright Build API (shipwright.io/v1beta1); the build agent takes this order "
+    "once Shipwright is installed"
+)
+
+
+@dataclass
+class BuildAgentConfig:
+    id: str = DEFAULT_AGENT_ID
+    labels: Sequence[str] = ("shipwright",)
+    annotations: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 4
+    # The one namespace the operator watches, if it watches one (None: all namespaces).
+    namespace: str | None = None
+    # Without a running Shipwright controller nothing registers a Build: do not hold a claim forever.
+    registration_timeout: float = 300.0
+    # How often to look again for the Shipwright API while it is missing.
+    discovery_interval: float = 5.0
+
+
+class BuildAgent:
+    def __init__(self, api: client.ApiClient, config: BuildAgentConfig, field_manager: str) -> None:
+        self.api = api
+        self.config = config
+        self.agent = Agent(
+            api, config.id, work_types=[BUILD_TYPE], labels=config.labels, annotations=config.annotations,
+            namespace=config.namespace,
+        )  # fmt: skip
+        self.shipwright = Shipwright(api, field_manager)
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the operator's hooks -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start taking build orders (again, after a `close`: each leadership term starts it)."""
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="build-agent", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 15.0) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def rejection(self, order: WorkOrder) -> str | None:
+        """For the engine's initialise step: why a build order this agent would take cannot run."""
+        if order.spec.work_type != BUILD_TYPE or not admits(order.spec.targeting, self.agent.identity):
+            return None
+        try:
+            build.parse_content(order.spec.yaml_content, order.namespace)
+        except build.ContentError as exc:
+            return str(exc)
+        return None
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if self.shipwright.installed():
+                    log.info("build agent %s taking build orders", self.agent.id)
+                    self.agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True)
+                    return
+                self._mark_waiting()
+            except Exception:  # never let the build agent die with the operator still running
+                log.exception("build agent loop failed; starting again")
+            self.stop.wait(self.config.discovery_interval)
+
+    def _mark_waiting(self) -> None:
+        """Say on each waiting build order, once, why nothing happens to it."""
+        for order in self.agent.candidates():
+            if any(c.get("reason") == WAITING_REASON for c in order.raw_status.get("conditions", [])):
+                continue
+            try:
+                self.agent.orders.write_status(
+                    order, lifecycle.waiting(order, WAITING_REASON, WAITING_MESSAGE, utcnow())
+                )
+            except (Conflict, NotFound, lifecycle.TransitionError):
+                continue  # claimed or changed meanwhile: the next round looks again
+            post_event(self.api, order, "Warning", WAITING_REASON, WAITING_MESSAGE)
+
+    # --- one attempt ----------------------------------------------------------------------------
+
+    def execute(self, claim: Claim) -> str:
+        try:
+            result = self._attempt(claim)
+        except Failure as exc:
+            metrics.BUILD_OUTCOMES.labels("retryable-failure" if exc.retryable else "failure").inc()
+            raise
+        except _Interrupted:
+            if claim.lost.is_set():
+                name = build.buildrun_name(claim.order.name, claim.attempt)
+                log.warning("%s: claim lost; cancelling BuildRun %s", claim.order.key, name)
+                self.shipwright.cancel_buildrun(claim.order.namespace, name)
+                metrics.BUILD_OUTCOMES.labels("claim-lost").inc()
+                raise ClaimLost(f"{claim.order.key}: claim lost during attempt {claim.attempt}") from None
+            # The operator is stopping: leave claim and BuildRun be; the next operator resumes watching.
+            claim.detach()
+            return ""
+        metrics.BUILD_OUTCOMES.labels("success").inc()
+        return result
+
+    def _attempt(self, claim: Claim) -> str:
+        order = claim.order
+        try:
+            plan = build.parse_content(order.spec.yaml_content, order.namespace)
+        except build.ContentError as exc:
+            raise Failure(str(exc), retryable=False) from exc
+        for doc in plan.builds:
+            self.shipwright.apply_build(order, doc)
+        self._wait_registered(claim, plan.run)
+        name = build.buildrun_name(order.name, claim.attempt)
+        self.shipwright.ensure_buildrun(order, name, plan.run)
+        log.info("%s: attempt %d runs BuildRun %s (Build %s)", order.key, claim.attempt, name, plan.run)
+        finished = self.shipwright.wait_for(
+            BUILDRUNS, order.namespace, name, lambda br: build.buildrun_outcome(br).finished,
+            lambda: self._interrupted(claim),
+        )  # fmt: skip
+        if self._interrupted(claim):
+            raise _Interrupted()
+        if finished is None:
+            raise Failure(f"BuildRun {name} was deleted before it finished", retryable=True)
+        outcome = build.buildrun_outcome(finished)
+        if outcome.succeeded:
+            return outcome.result
+        raise Failure(f"BuildRun {name}: {outcome.error}", retryable=outcome.retryable)
+
+    def _wait_registered(self, claim: Claim, build_name: str) -> None:
+        namespace = claim.order.namespace
+        if self.shipwright.get(BUILDS, namespace, build_name) is None:
+            raise Failure(f"Build {build_name!r} not found in namespace {namespace!r}", retryable=False)
+        deadline = time.monotonic() + self.config.registration_timeout
+        registered = self.shipwright.wait_for(
+            BUILDS, namespace, build_name, lambda b: build.registration(b)[0] is not None,
+            lambda: self._interrupted(claim) or time.monotonic() > deadline,
+        )  # fmt: skip
+        if registered is None:
+            if self._interrupted(claim):
+                raise _Interrupted()
+            if time.monotonic() > deadline:
+                raise Failure(
+                    f"Build {build_name!r} not registered within {self.config.registration_timeout:g}s: "
+                    "is the Shipwright controller running?",
+                    retryable=True,
+                )
+            raise Failure(f"Build {build_name!r} was deleted before it was registered", retryable=False)
+        ok, why = build.registration(registered)
+        if not ok:
+            raise Failure(f"Build {build_name!r} is not valid: {why}", retryable=False)
+
+    def _interrupted(self, claim: Claim) -> bool:
+        return claim.lost.is_set() or self.stop.is_set()
+
+
+class _Interrupted(Exception):
+    """The claim was lost or the operator is stopping: `execute` decides what that means."""

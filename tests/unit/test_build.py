@@ -1,0 +1,694 @@
+"""Work type `build` (SPEC.md): which yamlContent may run, BuildRun names, and BuildRun outcomes."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+
+from workorder_operator.build import (
+    MAX_DOCUMENTS,
+    PERMANENT_REASONS,
+    RETRYABLE_REASONS,
+    SHIPWRIGHT_API_VERSION,
+    BuildPlan,
+    ContentError,
+    RunOutcome,
+    buildrun_name,
+    buildrun_outcome,
+    parse_content,
+    registration,
+)
+
+NS = "team-a"
+
+# Shipwright's samples/v1beta1/build/build_kaniko_cr.yaml (v0.20), as a user would paste it.
+KANIKO_BUILD = """\
+---
+apiVersion: shipwright.io/v1beta1
+kind: Build
+metadata:
+  name: kaniko-golang-build
+spec:
+  source:
+    type: Git
+    git:
+      url: https://github.com/shipwright-io/sample-go
+    contextDir: docker-build
+  strategy:
+    name: kaniko
+    kind: ClusterBuildStrategy
+  retention:
+    atBuildDeletion: true
+  output:
+    image: image-registry.openshift-image-registry.svc:5000/build-examples/taxi-app
+"""
+
+
+def build_doc(name: str = "app", extra_metadata: str = "", rest: str = "") -> str:
+    return f"""\
+apiVersion: shipwright.io/v1beta1
+kind: Build
+metadata:
+  name: {name}
+{extra_metadata}spec:
+  strategy:
+    name: buildpacks-v3
+    kind: ClusterBuildStrategy
+  output:
+    image: registry.example/{name}
+{rest}"""
+
+
+SEED_WORKORDER = """\
+apiVersion: workorder.dev/v1alpha1
+kind: WorkOrder
+metadata:
+  name: seed
+spec:
+  buildRef:
+    name: existing-build
+"""
+
+
+def refused(content: str, namespace: str = NS) -> str:
+    with pytest.raises(ContentError) as info:
+        parse_content(content, namespace)
+    return str(info.value)
+
+
+# --- parse_content: what runs ----------------------------------------------------------------
+
+
+def test_shipwright_sample_build_runs() -> None:
+    plan = parse_content(KANIKO_BUILD, NS)
+    assert isinstance(plan, BuildPlan)
+    assert plan.run == "kaniko-golang-build"
+    (build,) = plan.builds
+    assert build["apiVersion"] == SHIPWRIGHT_API_VERSION
+    assert build["kind"] == "Build"
+    assert build["metadata"] == {"name": "kaniko-golang-build", "namespace": NS}
+    # Everything else is kept as written.
+    assert build["spec"] == {
+        "source": {
+            "type": "Git",
+            "git": {"url": "https://github.com/shipwright-io/sample-go"},
+            "contextDir": "docker-build",
+        },
+        "strategy": {"name": "kaniko", "kind": "ClusterBuildStrategy"},
+        "retention": {"atBuildDeletion": True},
+        "output": {"image": "image-registry.openshift-image-registry.svc:5000/build-examples/taxi-app"},
+    }
+
+
+def test_namespace_is_filled_in() -> None:
+    (build,) = parse_content(build_doc(), "other-team").builds
+    assert build["metadata"]["namespace"] == "other-team"
+
+
+def test_the_order_namespace_named_explicitly_is_accepted() -> None:
+    (build,) = parse_content(build_doc(extra_metadata=f"  namespace: {NS}\n"), NS).builds
+    assert build["metadata"]["namespace"] == NS
+
+
+def test_status_is_stripped_and_other_metadata_kept() -> None:
+    content = build_doc(
+        extra_metadata="  labels:\n    team: a\n  annotations:\n    note: kept\n",
+        rest='status:\n  registered: "True"\n  reason: Succeeded\n',
+    )
+    (build,) = parse_content(content, NS).builds
+    assert "status" not in build
+    assert build["metadata"] == {
+        "name": "app",
+        "namespace": NS,
+        "labels": {"team": "a"},
+        "annotations": {"note": "kept"},
+    }
+
+
+def test_builds_are_independent_copies() -> None:
+    first = parse_content(KANIKO_BUILD, NS)
+    first.builds[0]["spec"]["strategy"]["name"] = "changed"
+    assert parse_content(KANIKO_BUILD, NS).builds[0]["spec"]["strategy"]["name"] == "kaniko"
+
+
+def test_multiple_builds_are_all_applied_in_order_and_the_last_runs() -> None:
+    content = "---\n".join([build_doc("base"), build_doc("middle"), build_doc("app")])
+    plan = parse_content(content, NS)
+    assert [b["metadata"]["name"] for b in plan.builds] == ["base", "middle", "app"]
+    assert all(b["metadata"]["namespace"] == NS for b in plan.builds)
+    assert plan.run == "app"
+
+
+def test_a_build_may_appear_only_once() -> None:
+    content = "---\n".join([build_doc("app"), build_doc("other"), build_doc("app")])
+    assert refused(content) == ('document 3 (Build "app"): repeats the Build of document 1; each Build may appear once')
+
+
+def test_workorder_build_ref_runs_an_existing_build() -> None:
+    assert parse_content(SEED_WORKORDER, NS) == BuildPlan(builds=(), run="existing-build")
+
+
+def test_workorder_of_any_api_version_is_read() -> None:
+    content = SEED_WORKORDER.replace("workorder.dev/v1alpha1", "example.com/v9")
+    assert parse_content(content, NS).run == "existing-build"
+    assert parse_content(SEED_WORKORDER.replace("apiVersion: workorder.dev/v1alpha1\n", ""), NS).run == (
+        "existing-build"
+    )
+
+
+@pytest.mark.parametrize("order", ["workorder-first", "build-first"])
+def test_workorder_build_ref_is_used_only_without_a_build(order: str) -> None:
+    documents = [SEED_WORKORDER, build_doc("app")]
+    if order == "build-first":
+        documents.reverse()
+    plan = parse_content("---\n".join(documents), NS)
+    assert plan.run == "app"
+    assert [b["metadata"]["name"] for b in plan.builds] == ["app"]
+
+
+def test_workorder_in_the_order_namespace_is_accepted() -> None:
+    content = SEED_WORKORDER.replace("  name: seed\n", f"  name: seed\n  namespace: {NS}\n")
+    assert parse_content(content, NS).run == "existing-build"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "spec: {}\n",
+        "spec:\n  buildRef: {}\n",
+        "spec:\n  buildRef:\n    name: ''\n",
+        "spec:\n  buildRef:\n    name: 5\n",
+        "spec:\n  buildRef: existing-build\n",
+        "",
+    ],
+    ids=["no-buildRef", "no-name", "empty-name", "number", "not-a-mapping", "no-spec"],
+)
+def test_workorder_without_build_ref_is_refused(spec: str) -> None:
+    content = f"apiVersion: workorder.dev/v1alpha1\nkind: WorkOrder\n{spec}"
+    assert refused(content) == "document 1 (WorkOrder): spec.buildRef.name is missing"
+
+
+def test_workorder_without_build_ref_is_refused_even_beside_a_build() -> None:
+    content = build_doc() + "---\nkind: WorkOrder\nmetadata:\n  name: seed\nspec: {}\n"
+    assert refused(content) == 'document 2 (WorkOrder "seed"): spec.buildRef.name is missing'
+
+
+def test_workorder_build_ref_must_be_a_valid_name() -> None:
+    content = SEED_WORKORDER.replace("existing-build", "Existing_Build")
+    assert refused(content) == (
+        "document 1 (WorkOrder \"seed\"): spec.buildRef.name 'Existing_Build' is not a valid Build name"
+    )
+
+
+def test_timestamps_stay_strings() -> None:
+    (build,) = parse_content(build_doc(extra_metadata="  annotations:\n    since: 2024-01-02\n"), NS).builds
+    assert build["metadata"]["annotations"] == {"since": "2024-01-02"}
+
+
+# --- parse_content: empty documents and numbering --------------------------------------------
+
+
+def test_empty_and_comment_only_documents_are_skipped_but_counted() -> None:
+    content = "---\n# just a note\n---\n\n---\n" + build_doc("app") + "---\n# trailing\n"
+    plan = parse_content(content, NS)
+    assert plan.run == "app"
+    assert len(plan.builds) == 1
+    # The same layout with a bad document where the Build was: it is the 3rd document.
+    assert refused("---\n# just a note\n---\n\n---\nkind: ConfigMap\n").startswith("document 3: kind ConfigMap")
+
+
+def test_a_leading_comment_section_counts_as_a_document() -> None:
+    # A licence header above the first `---` is what a reader sees as document 1.
+    content = "# Copyright the authors\n# SPDX-License-Identifier: Apache-2.0\n---\nkind: ConfigMap\n"
+    assert refused(content).startswith("document 2: kind ConfigMap")
+
+
+def test_a_leading_directive_is_not_a_document() -> None:
+    assert refused("%YAML 1.1\n---\nkind: ConfigMap\n").startswith("document 1: kind ConfigMap")
+
+
+def test_documents_are_numbered_without_a_leading_marker() -> None:
+    content = build_doc("app") + "---\n" + build_doc("two") + "---\napiVersion: v1\nkind: Secret\n"
+    assert refused(content).startswith("document 3: kind Secret (apiVersion v1)")
+
+
+@pytest.mark.parametrize("content", ["", "   \n\n", "# only a comment\n", "---\n", "---\n# c\n---\n"])
+def test_nothing_runnable_is_refused(content: str) -> None:
+    assert refused(content) == "no Build document and no WorkOrder spec.buildRef: nothing to build"
+
+
+# --- parse_content: what is refused ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "api_version"),
+    [
+        ("ConfigMap", "v1"),
+        ("Secret", "v1"),
+        ("Pod", "v1"),
+        ("ServiceAccount", "v1"),
+        ("Namespace", "v1"),
+        ("Deployment", "apps/v1"),
+        ("ClusterRoleBinding", "rbac.authorization.k8s.io/v1"),
+        ("Role", "rbac.authorization.k8s.io/v1"),
+        ("CustomResourceDefinition", "apiextensions.k8s.io/v1"),
+        ("BuildRun", "shipwright.io/v1beta1"),
+        ("BuildStrategy", "shipwright.io/v1beta1"),
+        ("ClusterBuildStrategy", "shipwright.io/v1beta1"),
+        ("TaskRun", "tekton.dev/v1"),
+        ("build", "shipwright.io/v1beta1"),  # kinds are case-sensitive
+    ],
+)
+def test_other_kinds_are_refused(kind: str, api_version: str) -> None:
+    content = f"apiVersion: {api_version}\nkind: {kind}\nmetadata:\n  name: x\n"
+    assert refused(content) == (
+        f"document 1: kind {kind} (apiVersion {api_version}) is not allowed: only shipwright.io/v1beta1 "
+        "Build documents (and a WorkOrder with spec.buildRef) may appear"
+    )
+
+
+def test_another_kind_beside_a_build_refuses_the_whole_content() -> None:
+    content = build_doc() + "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: sneaky\n"
+    assert refused(content).startswith("document 2: kind ConfigMap (apiVersion v1) is not allowed")
+
+
+@pytest.mark.parametrize("content", ["metadata:\n  name: x\n", "{}\n", "kind: 7\n", "kind: ''\n"])
+def test_a_document_without_kind_is_refused(content: str) -> None:
+    assert refused(content).startswith("document 1: kind (none) (apiVersion (none)) is not allowed")
+
+
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [("- a\n- b\n", "list"), ("just text\n", "string"), ("42\n", "number"), ("true\n", "boolean")],
+)
+def test_a_document_that_is_not_a_mapping_is_refused(content: str, shown: str) -> None:
+    assert refused(content) == f"document 1: is a {shown}, not a mapping"
+
+
+def test_cross_namespace_build_is_refused() -> None:
+    content = build_doc() + "---\n" + build_doc("app2", extra_metadata="  namespace: other\n")
+    assert refused(content) == (
+        'document 2 (Build "app2"): names namespace "other", but builds run in the WorkOrder\'s namespace "team-a"'
+    )
+
+
+def test_cross_namespace_workorder_is_refused() -> None:
+    content = SEED_WORKORDER.replace("  name: seed\n", "  name: seed\n  namespace: kube-system\n")
+    assert refused(content) == (
+        'document 1 (WorkOrder "seed"): names namespace "kube-system", '
+        'but builds run in the WorkOrder\'s namespace "team-a"'
+    )
+
+
+def test_cross_namespace_workorder_is_refused_even_when_a_build_runs() -> None:
+    content = build_doc() + "---\n" + SEED_WORKORDER.replace("  name: seed\n", "  name: seed\n  namespace: other\n")
+    assert refused(content).startswith('document 2 (WorkOrder "seed"): names namespace "other"')
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    ["metadata:\n  labels: {a: b}\n", "metadata: {}\n", "metadata:\n  name: ''\n", "metadata:\n  name:\n", ""],
+    ids=["no-name", "empty-metadata", "empty-name", "null-name", "no-metadata"],
+)
+def test_build_without_name_is_refused(metadata: str) -> None:
+    content = f"apiVersion: shipwright.io/v1beta1\nkind: Build\n{metadata}spec: {{}}\n"
+    assert refused(content) == "document 1 (Build): a Build without metadata.name"
+
+
+def test_build_name_must_be_a_string() -> None:
+    content = "apiVersion: shipwright.io/v1beta1\nkind: Build\nmetadata:\n  name: 7\n"
+    assert refused(content) == "document 1 (Build): a Build without metadata.name"
+
+
+def test_build_with_generate_name_only_is_refused() -> None:
+    content = "apiVersion: shipwright.io/v1beta1\nkind: Build\nmetadata:\n  generateName: app-\n"
+    assert refused(content) == "document 1 (Build): a Build without metadata.name"
+
+
+def test_build_metadata_must_be_a_mapping() -> None:
+    content = "apiVersion: shipwright.io/v1beta1\nkind: Build\nmetadata: [a]\n"
+    assert refused(content) == "document 1 (Build): metadata is not a mapping"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["App", "my_app", "-app", "app-", "app..x", ".app", "app name", "ü", "a" * 254],
+)
+def test_build_with_invalid_name_is_refused(name: str) -> None:
+    message = refused(build_doc(name))
+    assert message.startswith("document 1 (Build ")
+    assert "metadata.name is not a valid name" in message
+
+
+@pytest.mark.parametrize("name", ["a", "app", "app-1", "my.app.v2", "0app", "a" * 253])
+def test_build_with_valid_name_is_accepted(name: str) -> None:
+    assert parse_content(build_doc(name), NS).run == name
+
+
+@pytest.mark.parametrize(
+    ("api_version_line", "shown"),
+    [
+        ("apiVersion: shipwright.io/v1alpha1\n", "shipwright.io/v1alpha1"),
+        ("apiVersion: shipwright.io/v1\n", "shipwright.io/v1"),
+        ("apiVersion: build.dev/v1alpha1\n", "build.dev/v1alpha1"),
+        ("", "(none)"),
+    ],
+)
+def test_build_of_unsupported_api_version_is_refused(api_version_line: str, shown: str) -> None:
+    content = f"{api_version_line}kind: Build\nmetadata:\n  name: app\nspec: {{}}\n"
+    assert refused(content) == (f'document 1 (Build "app"): unsupported apiVersion {shown}; use shipwright.io/v1beta1')
+
+
+def test_unparsable_yaml_names_the_line() -> None:
+    content = build_doc() + "---\nkind: Build\nmetadata:\n  name: [unclosed\n"
+    message = refused(content)
+    assert message.startswith("yamlContent is not valid YAML: ")
+    assert message.endswith("(line 15)")
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        ("a: b: c\n", 1),
+        ("kind: Build\n  bad indent: x\n", 2),
+        ("kind: Build\nspec:\n\t- tab\n", 3),
+        ('a: "unterminated\n', 2),
+        ("a: 1\nb: !custom x\n", 2),  # unknown tags are not constructed
+        ("a: !!python/object:os.system x\n", 1),
+        ("a: 1\nb: \x00\n", 2),  # a character YAML does not accept
+    ],
+)
+def test_invalid_yaml_is_refused_with_its_line(content: str, line: int) -> None:
+    message = refused(content)
+    assert message.startswith("yamlContent is not valid YAML: ")
+    assert message.endswith(f"(line {line})")
+
+
+def test_alias_is_refused() -> None:
+    content = build_doc(rest="  paramValues: &params\n    - name: a\n      value: b\n") + "  again: *params\n"
+    assert refused(content) == "document 1: YAML aliases are not allowed"
+
+
+def test_alias_is_refused_in_a_later_document() -> None:
+    content = build_doc() + "---\n\n---\nx: &a 1\ny: *a\n"
+    assert refused(content) == "document 3: YAML aliases are not allowed"
+
+
+def test_merge_key_alias_is_refused() -> None:
+    content = "base: &base {a: 1}\nkind: Build\nother:\n  <<: *base\n"
+    assert refused(content) == "document 1: YAML aliases are not allowed"
+
+
+BILLION_LAUGHS = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def test_billion_laughs_is_refused_quickly() -> None:
+    started = time.perf_counter()
+    assert refused(BILLION_LAUGHS) == "document 1: YAML aliases are not allowed"
+    assert refused(build_doc() + "---\n" + BILLION_LAUGHS) == "document 2: YAML aliases are not allowed"
+    assert time.perf_counter() - started < 0.5
+
+
+def test_deep_nesting_is_refused_not_crashed() -> None:
+    assert refused("[" * 100_000 + "]" * 100_000).startswith("yamlContent is not valid YAML: ")
+
+
+def test_too_many_documents_are_refused() -> None:
+    assert MAX_DOCUMENTS == 50
+    # 49 empty documents, then the Build: 50 documents.
+    at_limit = "---\n" * MAX_DOCUMENTS + build_doc()
+    assert parse_content(at_limit, NS).run == "app"
+    assert refused("---\n" * (MAX_DOCUMENTS + 1) + build_doc()) == "yamlContent has more than 50 documents"
+    assert refused(("---\n" + build_doc()) * (MAX_DOCUMENTS + 1)) == "yamlContent has more than 50 documents"
+
+
+def test_too_many_documents_are_refused_quickly() -> None:
+    started = time.perf_counter()
+    assert refused(("---\n" + build_doc()) * 20_000) == "yamlContent has more than 50 documents"
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    ("rest", "path"),
+    [
+        ("  cache: !!binary aGVsbG8=\n", "/spec/cache"),
+        ("  tags: !!set {a, b}\n", "/spec/tags"),
+        ("  timeout: .nan\n", "/spec/timeout"),
+        ("  params:\n    1: one\n", "/spec/params/1"),
+    ],
+)
+def test_values_json_cannot_carry_are_refused(rest: str, path: str) -> None:
+    assert refused(build_doc(rest=rest)) == (
+        f'document 1 (Build "app"): the value at {path} cannot be sent to the API as JSON'
+    )
+
+
+# --- buildrun_name ---------------------------------------------------------------------------
+
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def assert_label(name: str, attempt: int) -> None:
+    assert len(name) <= 63
+    assert DNS_LABEL.fullmatch(name), name
+    assert name.endswith(f"-{attempt}")
+
+
+def test_short_name_is_order_and_attempt() -> None:
+    assert buildrun_name("nightly", 1) == "nightly-1"
+    assert buildrun_name("nightly", 12) == "nightly-12"
+    assert buildrun_name("a" * 61, 1) == "a" * 61 + "-1"  # exactly 63
+
+
+@pytest.mark.parametrize("attempt", [1, 7, 10, 123456])
+@pytest.mark.parametrize("length", [62, 63, 64, 100, 253])
+def test_long_names_are_cut_to_a_dns_label(length: int, attempt: int) -> None:
+    order = ("order-" * 50)[: length - 1] + "x"
+    name = buildrun_name(order, attempt)
+    assert_label(name, attempt)
+    if len(f"{order}-{attempt}") > 63:
+        assert name.startswith(order[:40])
+
+
+def test_long_names_are_stable_and_unique() -> None:
+    base = "release-pipeline-for-the-payments-service-in-the-europe-region-"
+    orders = [base + suffix for suffix in ("a", "b", "c", "aa", "production", "staging")]
+    names = {buildrun_name(order, 1) for order in orders}
+    assert len(names) == len(orders)
+    assert buildrun_name(orders[0], 1) == buildrun_name(orders[0], 1)
+    assert buildrun_name(orders[0], 1) != buildrun_name(orders[0], 2)
+    for order in orders:
+        assert_label(buildrun_name(order, 3), 3)
+
+
+def test_attempts_of_one_order_are_distinct() -> None:
+    order = "x" * 200
+    assert len({buildrun_name(order, n) for n in range(1, 50)}) == 49
+
+
+def test_dotted_order_names_become_dns_labels() -> None:
+    # Order names are DNS subdomains; Shipwright wants the BuildRun name as a label value.
+    name = buildrun_name("team.app.v2", 1)
+    assert_label(name, 1)
+    assert name != buildrun_name("team-app-v2", 1)
+    assert_label(buildrun_name("a." * 120 + "b", 4), 4)
+
+
+@pytest.mark.parametrize(("order", "attempt"), [("", 1), ("app", -1)])
+def test_no_name_for_nonsense(order: str, attempt: int) -> None:
+    with pytest.raises(ValueError):
+        buildrun_name(order, attempt)
+
+
+# --- registration ----------------------------------------------------------------------------
+
+
+def test_registration_not_yet_looked_at() -> None:
+    assert registration({"metadata": {"name": "app"}}) == (None, "")
+    assert registration({"status": {}}) == (None, "")
+    assert registration({"status": None}) == (None, "")
+
+
+def test_registration_accepted() -> None:
+    assert registration({"status": {"registered": "True", "reason": "Succeeded", "message": "all good"}}) == (True, "")
+
+
+def test_registration_refused() -> None:
+    status = {
+        "registered": "False",
+        "reason": "ClusterBuildStrategyNotFound",
+        "message": "clusterBuildStrategy kaniko does not exist",
+    }
+    assert registration({"status": status}) == (
+        False,
+        "ClusterBuildStrategyNotFound: clusterBuildStrategy kaniko does not exist",
+    )
+
+
+def test_registration_refused_with_only_a_reason() -> None:
+    assert registration({"status": {"registered": "False", "reason": "BuildNameInvalid"}}) == (
+        False,
+        "BuildNameInvalid",
+    )
+
+
+# --- buildrun_outcome ------------------------------------------------------------------------
+
+
+def buildrun(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"apiVersion": SHIPWRIGHT_API_VERSION, "kind": "BuildRun", "metadata": {"name": "x-1"}}
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def succeeded(status: str, reason: str = "", message: str = "") -> dict[str, Any]:
+    return {"type": "Succeeded", "status": status, "reason": reason, "message": message}
+
+
+RUNNING = RunOutcome(finished=False, succeeded=False, result="", error="", retryable=False)
+
+
+def test_no_status_is_not_finished() -> None:
+    assert buildrun_outcome(buildrun()) == RUNNING
+    assert buildrun_outcome(buildrun({})) == RUNNING
+    assert buildrun_outcome(buildrun({"conditions": []})) == RUNNING
+
+
+def test_other_conditions_are_ignored() -> None:
+    assert buildrun_outcome(buildrun({"conditions": [{"type": "Ready", "status": "True"}]})) == RUNNING
+
+
+@pytest.mark.parametrize("reason", ["Pending", "Running", "BuildRunCanceled"])
+def test_unknown_is_not_finished(reason: str) -> None:
+    assert buildrun_outcome(buildrun({"conditions": [succeeded("Unknown", reason)]})) == RUNNING
+
+
+def test_true_succeeds_with_the_digest() -> None:
+    digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    status = {"conditions": [succeeded("True", "Succeeded", "All Steps have completed")], "output": {"digest": digest}}
+    assert buildrun_outcome(buildrun(status)) == RunOutcome(
+        finished=True, succeeded=True, result=digest, error="", retryable=False
+    )
+
+
+def test_true_without_digest_succeeds_with_empty_result() -> None:
+    outcome = buildrun_outcome(buildrun({"conditions": [succeeded("True", "Succeeded")]}))
+    assert (outcome.finished, outcome.succeeded, outcome.result) == (True, True, "")
+
+
+def test_false_reports_failure_details() -> None:
+    status = {
+        "conditions": [succeeded("False", "Failed", "buildrun step step-source-default failed in pod x-1-pod")],
+        "failureDetails": {
+            "reason": "GitRemotePrivate",
+            "message": "The remote repository is private or does not exist",
+            "location": {"pod": "x-1-pod", "container": "step-source-default"},
+        },
+    }
+    assert buildrun_outcome(buildrun(status)) == RunOutcome(
+        finished=True,
+        succeeded=False,
+        result="",
+        error="GitRemotePrivate: The remote repository is private or does not exist",
+        retryable=True,  # classified by the condition's reason, Failed
+    )
+
+
+def test_failure_details_reason_does_not_classify() -> None:
+    status = {
+        "conditions": [succeeded("False", "BuildRunCanceled", "canceled")],
+        "failureDetails": {"reason": "StepOutOfMemory", "message": "oom"},
+    }
+    outcome = buildrun_outcome(buildrun(status))
+    assert outcome.error == "StepOutOfMemory: oom"
+    assert not outcome.retryable
+
+
+def test_false_without_failure_details_reports_the_condition() -> None:
+    status = {"conditions": [succeeded("False", "BuildNotFound", 'build.shipwright.io "app" not found')]}
+    assert buildrun_outcome(buildrun(status)) == RunOutcome(
+        finished=True,
+        succeeded=False,
+        result="",
+        error='BuildNotFound: build.shipwright.io "app" not found',
+        retryable=False,
+    )
+
+
+def test_empty_failure_details_fall_back_to_the_condition() -> None:
+    status = {"conditions": [succeeded("False", "BuildRunTimeout", "timed out after 10m")], "failureDetails": {}}
+    assert buildrun_outcome(buildrun(status)).error == "BuildRunTimeout: timed out after 10m"
+
+
+def test_failure_without_message_is_just_the_reason() -> None:
+    outcome = buildrun_outcome(buildrun({"conditions": [succeeded("False", "PodEvicted")]}))
+    assert outcome.error == "PodEvicted"
+    assert outcome.retryable
+
+
+def test_failure_with_nothing_said_still_has_an_error() -> None:
+    outcome = buildrun_outcome(buildrun({"conditions": [{"type": "Succeeded", "status": "False"}]}))
+    assert (outcome.finished, outcome.succeeded, outcome.error, outcome.retryable) == (
+        True,
+        False,
+        "BuildRun failed",
+        True,
+    )
+
+
+@pytest.mark.parametrize("reason", sorted(RETRYABLE_REASONS))
+def test_retryable_reasons(reason: str) -> None:
+    outcome = buildrun_outcome(buildrun({"conditions": [succeeded("False", reason, "m")]}))
+    assert (outcome.finished, outcome.succeeded, outcome.retryable, outcome.error) == (
+        True,
+        False,
+        True,
+        f"{reason}: m",
+    )
+
+
+@pytest.mark.parametrize("reason", sorted(PERMANENT_REASONS))
+def test_permanent_reasons(reason: str) -> None:
+    outcome = buildrun_outcome(buildrun({"conditions": [succeeded("False", reason, "m")]}))
+    assert (outcome.finished, outcome.succeeded, outcome.retryable, outcome.error) == (
+        True,
+        False,
+        False,
+        f"{reason}: m",
+    )
+
+
+def test_reason_tables_are_as_specified() -> None:
+    assert {
+        "BuildRunTimeout",
+        "PodEvicted",
+        "StepOutOfMemory",
+        "TaskRunIsMissing",
+        "TaskRunGenerationFailed",
+        "PipelineRunGenerationFailed",
+        "SetOwnerReferenceFailed",
+        "Failed",
+        "PipelineRunFailed",
+    } == RETRYABLE_REASONS
+    assert len(PERMANENT_REASONS) == 20
+    assert {"BuildNotFound", "VulnerabilitiesFound", "BuildRunCanceled", "BuildRunNameInvalid"} <= PERMANENT_REASONS
+    assert not RETRYABLE_REASONS & PERMANENT_REASONS
+
+
+@pytest.mark.parametrize("reason", ["SomeFutureReason", "GitRemotePrivate", ""])
+def test_unknown_reasons_are_retryable(reason: str) -> None:
+    assert buildrun_outcome(buildrun({"conditions": [succeeded("False", reason, "m")]})).retryable
