@@ -68,9 +68,12 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture
-def operator(cluster: Cluster, tmp_path: Path) -> Iterator[OperatorProcess]:
-    """A running operator (all namespaces) for one test."""
-    proc = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces")
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """A running operator (all namespaces) for one test; its leader-election Lease lives in the
+    test's namespace, so a crashed operator of an earlier test never holds it."""
+    proc = OperatorProcess(
+        cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces", f"--leader-election-namespace={namespace}"
+    )
     proc.start()
     try:
         yield proc

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,10 +76,12 @@ class Agent:
 class OperatorProcess:
     """The real `workorder-operator` as a child process; always stopped by the fixture."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, *args: str) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, *args: str, identity: str | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.args = args
+        # The leader-election identity survives restarts, as a pod's name does.
+        self.identity = identity or f"operator-{uuid.uuid4().hex[:8]}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -88,6 +91,7 @@ class OperatorProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=dict(os.environ, POD_NAME=self.identity),
         )
         log.close()
         wait_for(lambda: b"workorder engine started" in self.log_path.read_bytes(), 30, what="operator start")

@@ -557,7 +557,8 @@ def parser() -> argparse.ArgumentParser:
         parents=[common],
         help="claim orders and run COMMAND for each",
         description="Claim orders and run COMMAND for each: yamlContent on stdin, the order's fields in WORKORDER_* "
-        "variables. Exit 0 completes (the last line of stdout is the result); exit 75 fails retryably; other codes fail for good.",
+        "variables. Exit 0 completes (the last line of stdout is the result); exit 75 fails retryably; "
+        "other codes fail for good.",
     )
     run.set_defaults(fn=cmd_agent_run)
     identity(run, True)

@@ -13,12 +13,12 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from workorder_operator import lifecycle
+from workorder_operator import lifecycle, metrics
 from workorder_operator.kube import OPERATOR_MANAGER, Conflict, NotFound, WorkOrders
 from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
 from workorder_operator.model import Phase, WorkOrder, utcnow
@@ -83,10 +83,11 @@ class Engine:
         self._post_event = post_event
         self._event_tokens = EVENT_BURST
         self._event_refilled = time.monotonic()
-        self.events_dropped = 0
         # Content the operator itself cannot run: a reason to fail the order at initialisation.
         self._reject = reject
         self._tracked: dict[str, _Tracked] = {}
+        # Count transitions in metrics (only the leader does, so replicas never double-count).
+        self.counting = False
 
     # --- input ----------------------------------------------------------------------------------
 
@@ -110,12 +111,17 @@ class Engine:
         rejection = None
         if self._reject is not None and lifecycle.needs_initialise(order):
             rejection = self._reject(order)
+        if self.counting and tracked is not None:
+            metrics.record_change(tracked.order, order)
         tracked = self._track(order, tracked, rejection)
         plan = _plan(tracked)
         if plan.at is None:
             self.scheduler.cancel(uid)
         else:
             self.scheduler.schedule(uid, plan.at)
+
+    def tracked_orders(self) -> Iterator[WorkOrder]:
+        return (t.order for t in list(self._tracked.values()))
 
     def forget(self, uid: str) -> None:
         self._tracked.pop(uid, None)
@@ -210,7 +216,7 @@ class Engine:
         self._event_tokens = min(EVENT_BURST, self._event_tokens + (now - self._event_refilled) * EVENTS_PER_SECOND)
         self._event_refilled = now
         if self._event_tokens < 1:
-            self.events_dropped += 1
+            metrics.EVENTS_DROPPED.inc()
             log.debug("%s: event %s dropped (rate limit)", order.key, reason)
             return
         self._event_tokens -= 1

@@ -200,6 +200,7 @@ class ControlPlane:
 
     directory: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    args: dict[str, list[str]] = field(default_factory=dict)
     apiserver_port: int = 0
 
     @property
@@ -215,6 +216,7 @@ class ControlPlane:
         return f"https://127.0.0.1:{self.apiserver_port}"
 
     def _spawn(self, name: str, args: list[str], *, detach: bool) -> None:
+        self.args[name] = args
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(
             args,
@@ -295,7 +297,9 @@ class ControlPlane:
                 f"--kubeconfig={self.kubeconfig}",
                 f"--authentication-kubeconfig={self.kubeconfig}",
                 f"--authorization-kubeconfig={self.kubeconfig}",
-                "--controllers=garbagecollector,namespace",
+                # Only what the tests need: owner-reference GC, namespace deletion, and the
+                # aggregation of ClusterRoles into admin/edit/view.
+                "--controllers=garbagecollector,namespace,clusterrole-aggregation",
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
@@ -339,6 +343,16 @@ class ControlPlane:
                 last = str(exc)
             time.sleep(0.2)
         raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f}s: {last}")
+
+    def restart(self, down: float = 2.0, timeout: float = 60.0) -> None:
+        """Stop etcd, kube-apiserver and the controller manager, wait `down` seconds, start them
+        again on the same ports and data (a control-plane outage, for fault tests)."""
+        self.stop()
+        time.sleep(down)
+        for name in ("etcd", "kube-apiserver"):
+            self._spawn(name, self.args[name], detach=False)
+        self._wait_ready(timeout)
+        self._spawn("kube-controller-manager", self.args["kube-controller-manager"], detach=False)
 
     def stop(self) -> None:
         """Stop every process (controller manager first, etcd last), even half-started ones."""

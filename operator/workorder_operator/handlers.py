@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import kopf
+from aiohttp import web
 
+from workorder_operator import metrics
+from workorder_operator.buildagent import BuildAgent, BuildAgentConfig
 from workorder_operator.engine import Engine
 from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders, api_client, post_event
+from workorder_operator.leader import LeaderElection, LeaseConfig
 from workorder_operator.model import GROUP, PLURAL, VERSION
 
 
@@ -22,6 +27,11 @@ class Options:
     kubeconfig: str | None = None
     context: str | None = None
     concurrency: int = 32
+    build_agent: BuildAgentConfig | None = field(default_factory=BuildAgentConfig)
+    metrics_port: int = 0
+    # None: no leader election (a single replica).
+    lease: LeaseConfig | None = None
+    identity: str = field(default_factory=lambda: os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}")
 
 
 OPTIONS = Options()
@@ -30,7 +40,11 @@ OPTIONS = Options()
 @dataclass
 class _State:
     engine: Engine | None = None
+    build_agent: BuildAgent | None = None
+    acting: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics: web.AppRunner | None = None
+    ready: bool = False
 
 
 STATE = _State()
@@ -54,9 +68,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-async def startup(
-    *, settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
-) -> None:
+async def startup(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
     # Our own marks, not kopf's zalando.org defaults. The engine needs none of them (it uses
     # event handlers only, so kopf keeps no per-object state), but if a future handler makes
     # kopf persist something, it lands under our group.
@@ -76,29 +88,73 @@ async def startup(
     # One API call never hangs the operator for kopf's default of 5 minutes.
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 10
-    # A single operator for now: no peering objects to install.
+    # We know our one resource: no watching of all CRDs and namespaces (and no RBAC for it).
+    settings.scanning.disabled = True
+    # High availability is a Lease (leader.py), not kopf peering: no peering objects.
     settings.peering.standalone = True
 
     api = api_client(OPTIONS.kubeconfig, OPTIONS.context, pool=OPTIONS.concurrency)
+    if OPTIONS.build_agent is not None:
+        STATE.build_agent = BuildAgent(
+            api_client(OPTIONS.kubeconfig, OPTIONS.context), OPTIONS.build_agent, OPERATOR_MANAGER
+        )
     engine = Engine(
-        WorkOrders(api, OPERATOR_MANAGER), post_event=partial(post_event, api), concurrency=OPTIONS.concurrency
+        WorkOrders(api, OPERATOR_MANAGER),
+        post_event=partial(post_event, api),
+        reject=STATE.build_agent.rejection if STATE.build_agent else None,
+        concurrency=OPTIONS.concurrency,
     )
     STATE.engine = engine
-    STATE.tasks.append(asyncio.create_task(engine.run()))
+    metrics.track_engine(engine.tracked_orders, lambda: len(engine.scheduler))
+    if OPTIONS.metrics_port:
+        STATE.metrics = await metrics.serve(OPTIONS.metrics_port, lambda: STATE.ready)
+    # Every replica watches (its cache stays warm for a fast takeover); only the leader acts.
+    if OPTIONS.lease is None:
+        await _lead()
+    else:
+        election = LeaderElection(api, OPTIONS.lease, OPTIONS.identity)
+        STATE.tasks.append(asyncio.create_task(election.run(_lead, _follow)))
+    STATE.ready = True
     logger.info("workorder engine started")
+
+
+async def _lead() -> None:
+    assert STATE.engine is not None
+    metrics.LEADER.set(1)
+    STATE.engine.counting = True
+    STATE.acting = asyncio.create_task(STATE.engine.run())
+    if STATE.build_agent is not None:
+        STATE.build_agent.start()
+
+
+async def _follow() -> None:
+    metrics.LEADER.set(0)
+    if STATE.engine is not None:
+        STATE.engine.counting = False
+    if STATE.acting is not None:
+        STATE.acting.cancel()
+        await asyncio.gather(STATE.acting, return_exceptions=True)
+        STATE.acting = None
+    if STATE.build_agent is not None:
+        await asyncio.to_thread(STATE.build_agent.close)
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
+    STATE.ready = False
+    await _follow()
     for task in STATE.tasks:
         task.cancel()
     await asyncio.gather(*STATE.tasks, return_exceptions=True)
     STATE.tasks.clear()
     if STATE.engine is not None:
         STATE.engine.close()
+    if STATE.metrics is not None:
+        await STATE.metrics.cleanup()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def workorder_event(*, event: kopf.RawEvent, **_: Any) -> None:
+async def workorder_event(*, event: kopf.RawEvent, **_: Any) -> None:
+    # async on purpose: kopf runs sync handlers in a thread pool, a hop per watch event we do not need.
     if STATE.engine is not None:
         STATE.engine.observe(event.get("type"), dict(event["object"]))

@@ -61,18 +61,20 @@ class Reason(StrEnum):
 
 
 def _conditions(
-    old: list[dict[str, Any]], phase: Phase, message: str, now: dt.datetime, generation: int
+    old: list[dict[str, Any]], phase: Phase, message: str, now: dt.datetime, generation: int, why: str | None = None
 ) -> list[dict[str, Any]]:
     """Succeeded / Reconciling / Stalled for a phase, in the kstatus convention: Reconciling
     True while work is outstanding, Stalled True when the order ended in failure; only a change
     of status moves lastTransitionTime."""
-    reason = {
-        Phase.PENDING: Reason.PENDING,
-        Phase.CLAIMED: Reason.CLAIMED,
-        Phase.RETRY_PENDING: Reason.BACKOFF,
-        Phase.COMPLETED: Reason.COMPLETED,
-        Phase.FAILED: Reason.FAILED,
-    }[phase]
+    reason = why or str(
+        {
+            Phase.PENDING: Reason.PENDING,
+            Phase.CLAIMED: Reason.CLAIMED,
+            Phase.RETRY_PENDING: Reason.BACKOFF,
+            Phase.COMPLETED: Reason.COMPLETED,
+            Phase.FAILED: Reason.FAILED,
+        }[phase]
+    )
     succeeded = {Phase.COMPLETED: "True", Phase.FAILED: "False"}.get(phase, "Unknown")
     wanted = {
         "Succeeded": succeeded,
@@ -88,7 +90,7 @@ def _conditions(
             {
                 "type": ctype,
                 "status": cstatus,
-                "reason": str(reason),
+                "reason": reason,
                 "message": message[:MESSAGE_LIMIT],
                 "lastTransitionTime": format_time(now) if changed else before["lastTransitionTime"],
                 "observedGeneration": generation,
@@ -99,19 +101,22 @@ def _conditions(
 
 # --- building blocks ----------------------------------------------------------------------------
 
-_CLAIM_FIELDS = ("claimedBy", "claimedAt", "renewedAt")
+_CLAIM_FIELDS = ("claimedBy", "claimedByUser", "claimedAt", "renewedAt")
 
 
-def _next_status(order: WorkOrder, phase: Phase, message: str, now: dt.datetime, **changes: Any) -> dict[str, Any]:
-    """The stored status with `changes` applied (None removes a field), phase, conditions and
-    updatedAt set."""
+def _next_status(
+    order: WorkOrder, phase: Phase, message: str, now: dt.datetime, why: str | None = None, **changes: Any
+) -> dict[str, Any]:
+    """The stored status with `changes` applied (None removes a field), phase, conditions (with
+    reason `why`, if given, instead of the phase's own) and updatedAt set."""
     status = {k: v for k, v in order.raw_status.items() if k != "conditions"}
     status.update(changes)
     status = {k: v for k, v in status.items() if v is not None}
     status["phase"] = str(phase)
     status["updatedAt"] = format_time(now)
     status["observedGeneration"] = order.generation
-    status["conditions"] = _conditions(order.raw_status.get("conditions") or [], phase, message, now, order.generation)
+    old = order.raw_status.get("conditions") or []
+    status["conditions"] = _conditions(old, phase, message, now, order.generation, why)
     return status
 
 
@@ -163,7 +168,9 @@ def _unchanged(order: WorkOrder) -> dict[str, Any]:
 # --- agent transitions --------------------------------------------------------------------------
 
 
-def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime) -> StatusWrite:
+def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime, user: str | None = None) -> StatusWrite:
+    """`user`: the claimer's Kubernetes username, recorded so the admission policy can bind the
+    claim to that identity (only it may renew, complete, fail or release this attempt)."""
     _require_phase(order, Phase.PENDING)
     if not admits(order.spec.targeting, agent):
         raise TransitionError(f"{order.key}: targeting does not admit agent {agent.id}")
@@ -174,7 +181,7 @@ def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime) -> StatusWri
         {"/status/phase": str(Phase.PENDING), "/status/attempt": order.status.attempt},
         _next_status(
             order, Phase.CLAIMED, message, now,
-            claimedBy=agent.id, claimedAt=format_time(now), renewedAt=None, attempt=attempt,
+            claimedBy=agent.id, claimedByUser=user, claimedAt=format_time(now), renewedAt=None, attempt=attempt,
         ),
         message,
     )  # fmt: skip
@@ -209,7 +216,7 @@ def fail(
     r = order.status.retry_count
     guards["/status/retryCount"] = r
     error = error[-MESSAGE_LIMIT:] or "failed"
-    common = {
+    common: dict[str, Any] = {
         "lastError": error,
         "lastErrorAt": format_time(now),
         "history": _history(order, Outcome.FAILED, now, error),
@@ -286,6 +293,13 @@ def initialise(order: WorkOrder, now: dt.datetime, rejection: str | None = None)
     message = "waiting for an agent"
     status = _next_status(order, Phase.PENDING, message, now, attempt=0, retryCount=0)
     return StatusWrite("initialise", _unchanged(order), status, message)
+
+
+def waiting(order: WorkOrder, reason: str, message: str, now: dt.datetime) -> StatusWrite:
+    """Say on a Pending order why nothing takes it yet (conditions only; still claimable)."""
+    _require_phase(order, Phase.PENDING)
+    status = _next_status(order, Phase.PENDING, message, now, reason)
+    return StatusWrite("waiting", _unchanged(order), status, message)
 
 
 def claim_deadline(order: WorkOrder, first_seen: dt.datetime | None = None) -> dt.datetime:

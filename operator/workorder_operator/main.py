@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 import kopf
 
 from workorder_operator import handlers
+from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildAgentConfig
+from workorder_operator.leader import LeaseConfig
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -23,6 +26,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--context", help="kubeconfig context to use")
     parser.add_argument("--concurrency", type=int, default=32, help="API calls in flight at once (default 32)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=["plain", "full", "json"], default="full", help="log line format")
+    parser.add_argument(
+        "--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port (0: off)"
+    )
+    ha = parser.add_argument_group("high availability (a Lease elects the one replica that acts)")
+    ha.add_argument("--no-leader-election", action="store_true", help="act at once, alone (a single replica)")
+    ha.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE") or "default",
+        help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
+    )
+    ha.add_argument("--leader-election-name", default="workorder-operator", help="name of the Lease")
+    build = parser.add_argument_group("built-in build agent (runs `build` orders with Shipwright)")
+    build.add_argument("--no-build-agent", action="store_true", help="leave build orders to external agents")
+    build.add_argument("--build-agent-id", default=DEFAULT_AGENT_ID, help="its agent UUID, for targeting")
+    build.add_argument("--build-agent-label", action="append", help="its labels (repeatable; default: shipwright)")
+    build.add_argument("--build-agent-annotation", action="append", default=[], help="its annotations KEY=VALUE")
+    build.add_argument("--build-concurrency", type=int, default=4, help="builds run at once (default 4)")
+    build.add_argument(
+        "--build-registration-timeout", type=float, default=300.0, help="seconds to wait for a Build to register"
+    )
     return parser.parse_args(argv)
 
 
@@ -31,7 +55,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers.OPTIONS.kubeconfig = args.kubeconfig
     handlers.OPTIONS.context = args.context
     handlers.OPTIONS.concurrency = args.concurrency
-    kopf.configure(verbose=args.verbose)
+    handlers.OPTIONS.build_agent = (
+        None
+        if args.no_build_agent
+        else BuildAgentConfig(
+            id=args.build_agent_id,
+            labels=tuple(args.build_agent_label or ("shipwright",)),
+            annotations=dict(a.split("=", 1) for a in args.build_agent_annotation if "=" in a),
+            concurrency=args.build_concurrency,
+            registration_timeout=args.build_registration_timeout,
+        )
+    )
+    handlers.OPTIONS.metrics_port = args.metrics_port
+    handlers.OPTIONS.lease = (
+        None if args.no_leader_election else LeaseConfig(args.leader_election_namespace, args.leader_election_name)
+    )
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_refkey="workorder")
     if not args.verbose:
         # kopf logs every handled watch event at INFO: thousands of lines an hour that say nothing.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
