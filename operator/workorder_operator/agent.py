@@ -150,11 +150,17 @@ class Claim:
                 try:
                     self.renew()
                 except ClaimLost as exc:
-                    log.warning("%s", exc)
+                    log.warning("%s", exc, extra=self.order.logref)
                     lost.set()
                     return
                 except Exception as exc:  # a blip: the next tick tries again, well before expiry
-                    log.warning("%s: renew failed (%s); trying again in %.1fs", self.order.key, exc, every)
+                    log.warning(
+                        "%s: renew failed (%s); trying again in %.1fs",
+                        self.order.key,
+                        exc,
+                        every,
+                        extra=self.order.logref,
+                    )
 
         thread = threading.Thread(target=loop, name=f"renew-{self.name}", daemon=True)
         thread.start()
@@ -182,7 +188,8 @@ class Agent:
         self.identity = AgentIdentity(id or str(uuid.uuid4()), tuple(labels), dict(annotations or {}))
         self.work_types = tuple(work_types)
         self.namespace = namespace
-        self.orders = WorkOrders(api, f"workorder-agent-{self.id[:8]}")
+        # One field manager for all agents: managedFields stays one entry however many agents write.
+        self.orders = WorkOrders(api, "workorder-agent")
         self._user: str | None = None
 
     @property
@@ -277,7 +284,7 @@ class Agent:
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix="workorder-work")
         try:
             for held in self.held() if resume else ():
-                log.info("%s: resuming attempt %d", held.order.key, held.attempt)
+                log.info("%s: resuming attempt %d", held.order.key, held.attempt, extra=held.order.logref)
                 in_flight[held.order.key] = (held, pool.submit(self._work, held, handler))
             while not stop.is_set():
                 for key in [k for k, (_, f) in in_flight.items() if f.done()]:
@@ -305,7 +312,7 @@ class Agent:
                 if not claim.done:
                     with contextlib.suppress(ClaimLost):
                         claim.release("agent shutting down")
-                        log.info("%s: released (agent shutting down)", claim.order.key)
+                        log.info("%s: released (agent shutting down)", claim.order.key, extra=claim.order.logref)
 
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
         for order in pending.snapshot():
@@ -317,13 +324,15 @@ class Agent:
         return None
 
     def _work(self, claim: Claim, handler: Callable[[Claim], str | None]) -> None:
+        ref = claim.order.logref
         try:
             with claim.renewing():
                 result = handler(claim)
             if not claim.done:
                 claim.complete(result or "")
+                log.info("%s: attempt %d completed", claim.order.key, claim.attempt, extra=ref)
         except ClaimLost as exc:
-            log.warning("%s", exc)
+            log.warning("%s", exc, extra=ref)
         except Failure as exc:
             self._fail(claim, str(exc), exc.retryable)
         except Exception as exc:
@@ -335,8 +344,10 @@ class Agent:
             return
         try:
             claim.fail(error, retryable=retryable)
+            log.info("%s: attempt %d failed (%s): %s", claim.order.key, claim.attempt,
+                     claim.order.status.phase, error, extra=claim.order.logref)  # fmt: skip
         except ClaimLost as exc:
-            log.warning("%s", exc)
+            log.warning("%s", exc, extra=claim.order.logref)
 
 
 class PendingOrders:

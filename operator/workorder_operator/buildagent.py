@@ -132,7 +132,7 @@ class BuildAgent:
         except _Interrupted:
             if claim.lost.is_set():
                 name = build.buildrun_name(claim.order.name, claim.attempt)
-                log.warning("%s: claim lost; cancelling BuildRun %s", claim.order.key, name)
+                log.warning("%s: claim lost; cancelling BuildRun %s", claim.order.key, name, extra=claim.order.logref)
                 self.shipwright.cancel_buildrun(claim.order.namespace, name)
                 metrics.BUILD_OUTCOMES.labels("claim-lost").inc()
                 raise ClaimLost(f"{claim.order.key}: claim lost during attempt {claim.attempt}") from None
@@ -153,7 +153,9 @@ class BuildAgent:
         self._wait_registered(claim, plan.run)
         name = build.buildrun_name(order.name, claim.attempt)
         self.shipwright.ensure_buildrun(order, name, plan.run)
-        log.info("%s: attempt %d runs BuildRun %s (Build %s)", order.key, claim.attempt, name, plan.run)
+        log.info(
+            "%s: attempt %d runs BuildRun %s (Build %s)", order.key, claim.attempt, name, plan.run, extra=order.logref
+        )
         finished = self.shipwright.wait_for(
             BUILDRUNS, order.namespace, name, lambda br: build.buildrun_outcome(br).finished,
             lambda: self._interrupted(claim),

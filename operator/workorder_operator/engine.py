@@ -144,6 +144,7 @@ class Engine:
                     "%s: claim sign of life seen %.3fs after the agent's mark",
                     order.key,
                     (first_seen - mark).total_seconds(),
+                    extra=order.logref,
                 )
         tracked = _Tracked(_compact(order), first_seen, sign, rejection)
         self._tracked[order.uid] = tracked
@@ -181,7 +182,7 @@ class Engine:
             write = self._transition(plan.action, order, tracked, now)
             body = await self._api(self.orders.write_status, order, write)
         except TransitionError as exc:
-            log.debug("%s: %s", order.key, exc)
+            log.debug("%s: %s", order.key, exc, extra=order.logref)
             return
         except NotFound:
             self.forget(uid)
@@ -189,13 +190,16 @@ class Engine:
         except Conflict as exc:
             # Someone wrote first (an agent claimed, renewed, completed, ...). The watch brings
             # that newer version and `observe` decides again; reading it here would only add load.
-            log.debug("%s", exc)
+            log.debug("%s", exc, extra=order.logref)
             return
         except Exception as exc:  # an API hiccup must not lose the deadline
-            log.warning("%s: %s failed (%s); retrying in %.0fs", order.key, plan.action, exc, ERROR_RETRY_SECONDS)
+            log.warning(
+                "%s: %s failed (%s); retrying in %.0fs", order.key, plan.action, exc, ERROR_RETRY_SECONDS,
+                extra=order.logref,
+            )  # fmt: skip
             self.scheduler.schedule(uid, now + dt.timedelta(seconds=ERROR_RETRY_SECONDS))
             return
-        log.info("%s: %s (%s)", order.key, write.transition, write.message)
+        log.info("%s: %s (%s)", order.key, write.transition, write.message, extra=order.logref)
         if write.transition != "initialise":
             kind = "Warning" if write.transition in ("expire", "reject") else "Normal"
             self._event(order, kind, write.transition.capitalize(), write.message)
@@ -217,7 +221,7 @@ class Engine:
         self._event_refilled = now
         if self._event_tokens < 1:
             metrics.EVENTS_DROPPED.inc()
-            log.debug("%s: event %s dropped (rate limit)", order.key, reason)
+            log.debug("%s: event %s dropped (rate limit)", order.key, reason, extra=order.logref)
             return
         self._event_tokens -= 1
         self._event_pool.submit(self._post_event, order, kind, reason, message)

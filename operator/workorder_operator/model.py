@@ -132,6 +132,11 @@ class WorkOrder(_Camel):
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def logref(self) -> dict[str, Any]:
+        """`extra=` for log lines about this order: a `workorder` field in JSON logs."""
+        return {"workorder": {"namespace": self.namespace, "name": self.name}}
+
 
 def _status_written_at(managed: list[dict[str, Any]], operator_manager: str | None) -> dt.datetime | None:
     times = [
