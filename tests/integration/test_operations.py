@@ -96,7 +96,9 @@ def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namesp
         create_order(cluster.api, namespace, "before", claimTimeoutSeconds=1)
         a.claim(a.read(namespace, "before"))
         wait_for(lambda: a.read(namespace, "before").status.phase == "Pending", timeout=10)
-        assert "before: expire" in first.log() and "before: expire" not in standby.log()
+        # The status is visible before the log line is written: wait for the line.
+        wait_for(lambda: "before: expire" in first.log(), timeout=5, what="the leader's expiry log line")
+        assert "before: expire" not in standby.log()
 
         first.kill()  # kill -9: no hand-over, the lease must run out
         killed = time.monotonic()
