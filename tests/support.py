@@ -94,7 +94,11 @@ class OperatorProcess:
             env=dict(os.environ, POD_NAME=self.identity),
         )
         log.close()
-        wait_for(lambda: b"workorder engine started" in self.log_path.read_bytes(), 30, what="operator start")
+        try:
+            wait_for(lambda: b"workorder engine started" in self.log_path.read_bytes(), 30, what="operator start")
+        except BaseException:
+            self.stop()  # never leave a half-started operator behind
+            raise
 
     def kill(self) -> None:
         """kill -9: no clean-up, as a crash would be."""
