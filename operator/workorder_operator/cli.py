@@ -319,28 +319,19 @@ def _held(s: Session, args: argparse.Namespace) -> Claim:
     return handle
 
 
-def cmd_renew(s: Session, args: argparse.Namespace) -> int:
-    _held(s, args).renew()
-    print(f"workorder.workorder.dev/{args.name} renewed")
-    return 0
-
-
-def cmd_complete(s: Session, args: argparse.Namespace) -> int:
-    _held(s, args).complete(args.result or "")
-    print(f"workorder.workorder.dev/{args.name} completed")
-    return 0
-
-
-def cmd_fail(s: Session, args: argparse.Namespace) -> int:
+def cmd_holder(s: Session, args: argparse.Namespace) -> int:
+    """renew, complete, fail and release: what the holder of a claim may do."""
     handle = _held(s, args)
-    handle.fail(args.error, retryable=not args.no_retry)
-    print(f"workorder.workorder.dev/{args.name} {handle.order.status.phase}")
-    return 0
-
-
-def cmd_release(s: Session, args: argparse.Namespace) -> int:
-    _held(s, args).release(args.reason or "")
-    print(f"workorder.workorder.dev/{args.name} released")
+    if args.command == "renew":
+        handle.renew()
+    elif args.command == "complete":
+        handle.complete(args.result or "")
+    elif args.command == "fail":
+        handle.fail(args.error, retryable=not args.no_retry)
+    else:
+        handle.release(args.reason or "")
+    outcome = {"renew": "renewed", "complete": "completed", "release": "released"}.get(args.command)
+    print(f"workorder.workorder.dev/{args.name} {outcome or handle.order.status.phase}")
     return 0
 
 
@@ -533,13 +524,13 @@ def parser() -> argparse.ArgumentParser:
     cl = add("claim", cmd_claim, "claim the next order (or NAME); prints NAME ATTEMPT")
     cl.add_argument("name", nargs="?")
     identity(cl, True)
-    for name, fn, help in (
-        ("renew", cmd_renew, "renew a claim you hold"),
-        ("complete", cmd_complete, "complete a claim you hold"),
-        ("fail", cmd_fail, "fail a claim you hold (RetryPending while retries are left)"),
-        ("release", cmd_release, "give a claim back untouched (not a failure)"),
+    for name, help in (
+        ("renew", "renew a claim you hold"),
+        ("complete", "complete a claim you hold"),
+        ("fail", "fail a claim you hold (RetryPending while retries are left)"),
+        ("release", "give a claim back untouched (not a failure)"),
     ):
-        sp = add(name, fn, help)
+        sp = add(name, cmd_holder, help)
         sp.add_argument("name")
         identity(sp, False)
         sp.add_argument("--attempt", type=int, help="the attempt you claimed (default: the current one, if yours)")

@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 from workorder_operator import lifecycle, metrics
 from workorder_operator.kube import OPERATOR_MANAGER, Conflict, NotFound, WorkOrders
 from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
-from workorder_operator.model import Phase, WorkOrder, utcnow
+from workorder_operator.model import Phase, Status, WorkOrder, utcnow
 from workorder_operator.scheduler import DeadlineScheduler
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,14 @@ class Engine:
         rejection = None
         if self._reject is not None and lifecycle.needs_initialise(order):
             rejection = self._reject(order)
-        if self.counting and tracked is not None:
-            metrics.record_change(tracked.order, order)
+        if self.counting:
+            if tracked is not None:
+                metrics.record_change(tracked.order, order)
+            elif event_type == "ADDED":
+                # A new order whose first sight is already past Pending (an agent was faster than
+                # our watch): count from the state every order is born in.
+                born = order.model_copy(update={"status": Status(phase=Phase.PENDING), "raw_status": {}})
+                metrics.record_change(born, order)
         tracked = self._track(order, tracked, rejection)
         plan = _plan(tracked)
         if plan.at is None:

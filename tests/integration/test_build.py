@@ -40,6 +40,17 @@ def exists(sw: Shipwright, plural: str, name: str) -> dict[str, Any] | None:
     return sw.get(plural, name)
 
 
+def running_build(cluster: Cluster, namespace: str, name: str, **spec: Any) -> Shipwright:
+    """A build order whose Build `<name>-build` is registered and whose BuildRun `<name>-1` runs."""
+    sw = Shipwright(cluster.api, namespace)
+    build_order(cluster, namespace, name, KANIKO_BUILD.format(name=f"{name}-build"), **spec)
+    wait_for(lambda: exists(sw, BUILDS, f"{name}-build"), timeout=15, what="the Build to be applied")
+    sw.register(f"{name}-build")
+    wait_for(lambda: exists(sw, BUILDRUNS, f"{name}-1"), timeout=15, what="the attempt's BuildRun")
+    sw.run(f"{name}-1")
+    return sw
+
+
 def test_build_succeeds_with_the_image_digest(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
     sw = Shipwright(cluster.api, namespace)
     build_order(cluster, namespace, "app", KANIKO_BUILD.format(name="app-build"))
@@ -140,12 +151,7 @@ def test_content_the_operator_must_not_run_fails_at_once(
 
 
 def test_claim_loss_cancels_the_buildrun(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
-    sw = Shipwright(cluster.api, namespace)
-    build_order(cluster, namespace, "lost", KANIKO_BUILD.format(name="lost-build"), claimTimeoutSeconds=3)
-    wait_for(lambda: exists(sw, BUILDS, "lost-build"), timeout=15)
-    sw.register("lost-build")
-    wait_for(lambda: exists(sw, BUILDRUNS, "lost-1"), timeout=15)
-    sw.run("lost-1")
+    sw = running_build(cluster, namespace, "lost", claimTimeoutSeconds=3)
     # Take the claim away as an expiry would (as if the build agent had stopped renewing), and
     # let another agent claim the order: the build agent's next renewal finds the claim gone.
     orders = WorkOrders(cluster.api, "test")
@@ -165,12 +171,7 @@ def test_claim_loss_cancels_the_buildrun(cluster: Cluster, namespace: str, opera
 def test_deleting_the_order_cancels_and_collects_build_and_buildrun(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
-    sw = Shipwright(cluster.api, namespace)
-    build_order(cluster, namespace, "gone", KANIKO_BUILD.format(name="gone-build"))
-    wait_for(lambda: exists(sw, BUILDS, "gone-build"), timeout=15)
-    sw.register("gone-build")
-    wait_for(lambda: exists(sw, BUILDRUNS, "gone-1"), timeout=15)
-    sw.run("gone-1")
+    sw = running_build(cluster, namespace, "gone")
     client.CustomObjectsApi(cluster.api).delete_namespaced_custom_object(
         "workorder.dev", "v1alpha1", namespace, "workorders", "gone"
     )
@@ -182,12 +183,7 @@ def test_deleting_the_order_cancels_and_collects_build_and_buildrun(
 def test_operator_restart_mid_build_resumes_the_same_buildrun(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
-    sw = Shipwright(cluster.api, namespace)
-    build_order(cluster, namespace, "resume", KANIKO_BUILD.format(name="resume-build"))
-    wait_for(lambda: exists(sw, BUILDS, "resume-build"), timeout=15)
-    sw.register("resume-build")
-    wait_for(lambda: exists(sw, BUILDRUNS, "resume-1"), timeout=15)
-    sw.run("resume-1")
+    sw = running_build(cluster, namespace, "resume")
     operator.kill()
     time.sleep(1)
     operator.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -10,6 +9,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import Cluster
+from tests.support import wait_for
 
 G, V, P = "workorder.dev", "v1alpha1", "workorders"
 
@@ -21,17 +21,6 @@ def order(name: str) -> dict[str, object]:
         "metadata": {"name": name},
         "spec": {"workType": "test", "yamlContent": "a: 1\n"},
     }
-
-
-def wait_for(check, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def test_version_is_real(cluster: Cluster) -> None:

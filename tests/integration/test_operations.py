@@ -44,6 +44,9 @@ def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path:
         wait_for(lambda: scrape(port, "/readyz")[0] == 200, timeout=10, what="readiness")
         wait_for(lambda: sample(scrape(port)[1], "workorder_leader") == 1, timeout=10, what="leadership")
         a = Agent(cluster.api, str(uuid.uuid4()))
+        # Transitions are counted from the watch: make sure it runs (the operator initialises a sentinel).
+        create_order(cluster.api, namespace, "sentinel", workType="sentinel")
+        wait_for(lambda: "conditions" in a.read(namespace, "sentinel").raw_status, timeout=30, what="the watch")
         for name in ("m1", "m2"):
             create_order(cluster.api, namespace, name, workType="metrics")
             a.complete(a.claim(a.read(namespace, name)))
@@ -73,12 +76,8 @@ def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path:
         op.stop()
 
 
-def leader_of(ops: list[OperatorProcess]) -> OperatorProcess | None:
-    leading = [o for o in ops if o.proc is not None and "is the leader" in o.log()]
-    return leading[-1] if len(leading) == 1 else None
-
-
-def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+def replicas(cluster: Cluster, namespace: str, tmp_path: Path) -> list[OperatorProcess]:
+    """Two operator replicas, started, sharing one Lease (as a two-replica Deployment does)."""
     ops = [
         OperatorProcess(cluster.kubeconfig, tmp_path / f"operator-{i}.log", "--all-namespaces",
                         f"--leader-election-namespace={namespace}")
@@ -87,6 +86,21 @@ def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namesp
     try:
         for op in ops:
             op.start()
+    except BaseException:
+        for op in ops:
+            op.stop()
+        raise
+    return ops
+
+
+def leader_of(ops: list[OperatorProcess]) -> OperatorProcess | None:
+    leading = [o for o in ops if o.proc is not None and "is the leader" in o.log()]
+    return leading[-1] if len(leading) == 1 else None
+
+
+def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    ops = replicas(cluster, namespace, tmp_path)
+    try:
         first = wait_for(lambda: leader_of(ops), timeout=30, what="one leader")
         standby = next(o for o in ops if o is not first)
         time.sleep(3)  # several renewal rounds: the standby must still not lead
@@ -117,14 +131,8 @@ def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namesp
 
 
 def test_a_cleanly_stopped_leader_hands_over_at_once(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
-    ops = [
-        OperatorProcess(cluster.kubeconfig, tmp_path / f"operator-{i}.log", "--all-namespaces",
-                        f"--leader-election-namespace={namespace}")
-        for i in range(2)
-    ]  # fmt: skip
+    ops = replicas(cluster, namespace, tmp_path)
     try:
-        for op in ops:
-            op.start()
         first = wait_for(lambda: leader_of(ops), timeout=30, what="one leader")
         standby = next(o for o in ops if o is not first)
         first.stop()  # SIGTERM: releases the lease
