@@ -11,6 +11,7 @@ LOCAL   := $(CURDIR)/.local
 KUBECONFIG_LOCAL := $(LOCAL)/kubeconfig
 CLUSTER ?= local
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 export WORKORDER_CACHE := $(CACHE)
 
@@ -69,7 +70,7 @@ test-kind: venv ## (needs kind-up) run the same suite against the kind cluster
 	TEST_KUBECONFIG=$${KUBECONFIG:-$$HOME/.kube/config} PATH=$(BIN):$$PATH $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: venv binaries ## benchmarks (not part of make test); results under bench/results/
-	PATH=$(BIN):$$PATH $(BIN)/python bench/deadlines.py
+	PATH=$(BIN):$$PATH $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 demo: cluster-up ## a visible end-to-end run (orders, two agents, a retry, an expiry); watch with kubectl get wo -n demo -w
 	PATH=$(BIN):$$PATH examples/demo.sh

@@ -1,257 +1,282 @@
-"""Deadline precision and idle cost of the operator, on a local control plane it starts itself.
+"""Deadline precision of the operator under a burst, against the API server's own ceiling.
 
-1. expiry: 1,000 claims whose deadlines fall in the same second; lateness of each expiry.
-2. due:    1,000 retries due in the same second; lateness of each return to Pending.
-3. idle:   10,000 orders (1 KB of content; half Pending, half Claimed with long timeouts), nothing
-           due: the operator's CPU (share of one core) and RSS.
+1. expiry:    1,000 claims whose deadlines fall within the same second (--quick: 100).
+2. due:       1,000 retries due within the same second (--quick: 100).
+   The orders are created first, each with a timeout (backoff) from a range of whole seconds;
+   then each one's clock (the claim, or the failure) is started at the planned moment that puts
+   its deadline at a spread-out fraction of the same target second.
+3. reference: the same number of plain status compare-and-swaps (the shape of the operator's
+              expire write: test the whole status, then set it; Claimed -> Pending) issued all at
+              once by one client with the operator's concurrency (32 threads). What the API server
+              can do with such a burst: compare the lateness of 1 and 2 with it.
 
-Lateness is measured from the deadline an agent would compute (claimedAt + claimTimeoutSeconds, or
-nextRetryAfter) to the moment the benchmark's own watch sees the order Pending: it includes the
-write and the watch delivery, not just the decision. Usage: python bench/deadlines.py [--quick]
+Lateness is measured from the deadline an agent would compute (claimedAt + claimTimeoutSeconds,
+or nextRetryAfter) to the moment the benchmark's own watch sees the order Pending: it includes
+the operator's write and the watch delivery, not just its decision. For the reference, the
+"deadline" is the moment the burst starts. Target: p99 <= 0.5 s.
+
+Usage: python bench/deadlines.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import math
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client, watch
+from common import (
+    Cluster,
+    CpuMeter,
+    Headline,
+    Operator,
+    PhaseWatch,
+    cas,
+    control_plane,
+    create_order,
+    log,
+    main_of,
+    new_figure,
+    operator,
+    run_all,
+    summary,
+    table,
+    thread_pool,
+    write_results,
+)
 
-from workorder_operator import envtest, lifecycle
-from workorder_operator.kube import WorkOrders, api_client
-from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
+from workorder_operator import lifecycle
+from workorder_operator.kube import WorkOrders
+from workorder_operator.model import WorkOrder, utcnow
 from workorder_operator.targeting import AgentIdentity
 
-RESULTS = Path(__file__).parent / "results"
+NAME = "deadlines"
+TARGET_P99 = 0.5
+OPERATOR_CONCURRENCY = 32  # the operator's default --concurrency
+PREPARE_THREADS = 16
 AGENT = AgentIdentity(str(uuid.uuid4()))
 
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": percentile(values, 50),
-        "p99": percentile(values, 99),
-        "max": max(values),
-        "mean": statistics.fmean(values),
-    }
+# Timeouts and backoffs are whole seconds and their clock starts when the claim (or the failure)
+# is written. So each order gets a timeout from a range of seconds, and its clock is started at
+# the planned moment `target + fraction - seconds`: every deadline lands in [target, target + 1 s)
+# (plus one write's latency), whatever the time it took to create the orders.
+ARM_PER_SECOND = 40  # clocks started per second: well within what even a busy server answers
+MIN_SECONDS = 3
 
 
-class PendingWatch:
-    """Records when each order of a namespace is first seen Pending after `arm(name)`."""
+@dataclass
+class Kind:
+    """How to prepare an order whose deadline is `seconds` after its clock starts (`setup`),
+    and the write that starts the clock (`arm`), returning the order and its deadline."""
 
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
-        self.api, self.namespace = api, namespace
-        self.armed: set[str] = set()
-        self.seen: dict[str, dt.datetime] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def arm(self, name: str) -> None:
-        self.armed.add(name)
-
-    def _run(self) -> None:
-        objects = client.CustomObjectsApi(self.api)
-        while not self._stop:
-            w = watch.Watch()
-            for event in w.stream(
-                objects.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, timeout_seconds=60
-            ):
-                body = event["object"]
-                name = body["metadata"]["name"]
-                if name in self.armed and name not in self.seen and body.get("status", {}).get("phase") == "Pending":
-                    self.seen[name] = utcnow()
-                if self._stop:
-                    w.stop()
-
-    def wait(self, count: int, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while len(self.seen) < count and time.monotonic() < end:
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self._stop = True
+    setup: Callable[[WorkOrders, str, str, int], WorkOrder]
+    arm: Callable[[WorkOrders, WorkOrder], tuple[WorkOrder, dt.datetime]]
 
 
-def create(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> WorkOrder:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "WorkOrder",
-        "metadata": {"name": name},
-        "spec": {"workType": "bench", "yamlContent": "x: 1\n", **spec},
-    }
-    created = client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-    return WorkOrder.from_body(created)
+def _expiry_setup(orders: WorkOrders, namespace: str, name: str, seconds: int) -> WorkOrder:
+    return create_order(orders.api, namespace, name, claimTimeoutSeconds=seconds)
 
 
-def write(orders: WorkOrders, order: WorkOrder, fn: Callable[[WorkOrder], lifecycle.StatusWrite]) -> WorkOrder:
-    for _ in range(10):  # the operator's initialise may race us: re-read and try again
-        try:
-            return WorkOrder.from_body(orders.write_status(order, fn(order)))
-        except Exception:
-            order = WorkOrder.from_body(orders.get(order.namespace, order.name))
-    raise RuntimeError(f"cannot write {order.key}")
+def _expiry_arm(orders: WorkOrders, order: WorkOrder) -> tuple[WorkOrder, dt.datetime]:
+    """The claim: it expires claimTimeoutSeconds after claimedAt."""
+    claimed = cas(orders, order, lambda o: lifecycle.claim(o, AGENT, utcnow()))
+    assert claimed.status.claimed_at is not None
+    return claimed, claimed.status.claimed_at + dt.timedelta(seconds=claimed.spec.claim_timeout_seconds)
 
 
-def bench_burst(
-    api: client.ApiClient, namespace: str, n: int, lead: float, prepare: Callable[[WorkOrders, str, int], dt.datetime]
-) -> dict[str, float]:
-    """Prepare n orders whose deadlines fall within one second, `lead` seconds from now, and
-    measure how late each is seen Pending. `prepare(orders, name, seconds_left)` returns the deadline."""
-    orders = WorkOrders(api, "bench-agent")
-    target = time.time() + lead
-    pending = PendingWatch(api, namespace)
+def _due_setup(orders: WorkOrders, namespace: str, name: str, seconds: int) -> WorkOrder:
+    order = create_order(orders.api, namespace, name, backoffSeconds=seconds, maxBackoffSeconds=seconds)
+    return cas(orders, order, lambda o: lifecycle.claim(o, AGENT, utcnow()))
+
+
+def _due_arm(orders: WorkOrders, order: WorkOrder) -> tuple[WorkOrder, dt.datetime]:
+    """The failure: retry 1 is due after the backoff (capped by maxBackoffSeconds to `seconds`)."""
+    failed = cas(orders, order, lambda o: lifecycle.fail(o, AGENT.id, o.status.attempt, "bench", utcnow()))
+    assert failed.status.next_retry_after is not None
+    return failed, failed.status.next_retry_after
+
+
+EXPIRY = Kind(_expiry_setup, _expiry_arm)
+DUE = Kind(_due_setup, _due_arm)
+
+
+def burst(cluster: Cluster, op: Operator, namespace: str, n: int, kind: Kind) -> dict[str, Any]:
+    """Prepare n orders whose deadlines fall within one second and measure how late our watch
+    sees each of them Pending."""
+    orders = WorkOrders(cluster.client(pool=PREPARE_THREADS), "bench-agent")
+    window = max(2, math.ceil(n / ARM_PER_SECOND))
+    seconds = [MIN_SECONDS + i * window // n for i in range(n)]
+    with thread_pool(PREPARE_THREADS, "prepare") as pool:
+        prepared = run_all(pool, lambda i: kind.setup(orders, namespace, f"o-{i}", seconds[i]), n)
+    target = math.ceil(time.time() + 1) + max(seconds)
+    # Fractions of the target second, spread evenly and independent of the timeout.
+    plan = sorted((target + (i * 7919 % n) / n - seconds[i], i) for i in range(n))
+    queue = iter(plan)
+    pending = PhaseWatch(cluster.api, namespace, "Pending", names=[])
     deadlines: dict[str, dt.datetime] = {}
-    lock = threading.Lock()
+    armed_late: list[float] = []
 
-    def one(i: int) -> None:
-        name = f"o-{i}"
-        deadline = prepare(orders, name, math.ceil(target - time.time()))
-        with lock:
-            deadlines[name] = deadline
-        pending.arm(name)
+    def arm(_: int) -> None:
+        for at, i in queue:  # shared: each worker takes the next planned moment
+            time.sleep(max(0.0, at - time.time()))
+            armed_late.append(time.time() - at)
+            order, deadline = kind.arm(orders, prepared[i])
+            deadlines[order.name] = deadline
+            pending.allow(order.name, after=order)
 
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(one, range(n)))
-    spread = (max(deadlines.values()) - min(deadlines.values())).total_seconds()
-    pending.wait(n, timeout=lead + 60)
-    pending.stop()
-    late = [(pending.seen[k] - deadlines[k]).total_seconds() for k in deadlines if k in pending.seen]
-    result = summary(late)
-    result["deadline_spread_s"] = spread
-    result["missed"] = n - len(late)
-    return result
-
-
-def claim_expiring(api: client.ApiClient, namespace: str) -> Callable[[WorkOrders, str, int], dt.datetime]:
-    """A claim whose timeout makes it expire at the common target second."""
-
-    def prepare(orders: WorkOrders, name: str, seconds: int) -> dt.datetime:
-        order = create(api, namespace, name, claimTimeoutSeconds=seconds)
-        claimed = write(orders, order, lambda o: lifecycle.claim(o, AGENT, utcnow()))
-        return claimed.status.claimed_at + dt.timedelta(seconds=seconds)  # type: ignore[operator]
-
-    return prepare
-
-
-def retry_due(api: client.ApiClient, namespace: str) -> Callable[[WorkOrders, str, int], dt.datetime]:
-    """A failed attempt whose backoff (capped by maxBackoffSeconds) ends at the common target second."""
-
-    def prepare(orders: WorkOrders, name: str, seconds: int) -> dt.datetime:
-        order = create(api, namespace, name, backoffSeconds=seconds, maxBackoffSeconds=seconds)
-        claimed = write(orders, order, lambda o: lifecycle.claim(o, AGENT, utcnow()))
-        failed = write(orders, claimed, lambda o: lifecycle.fail(o, AGENT.id, o.status.attempt, "bench", utcnow()))
-        return failed.status.next_retry_after  # type: ignore[return-value]
-
-    return prepare
+    try:
+        with thread_pool(PREPARE_THREADS, "arm") as pool:
+            arming = [pool.submit(arm, w) for w in range(PREPARE_THREADS)]
+            time.sleep(max(0.0, target - 1 - time.time()))
+            cpu = CpuMeter(cluster, op)  # from a second before the target to the last order seen Pending
+            for future in arming:
+                future.result()
+        pending.wait(n, timeout=max(0.0, target + 1 - time.time()) + 60, on_progress=op.check_alive)
+        cores = cpu.stop()
+    finally:
+        pending.stop()
+    late = [(pending.seen_dt[k] - deadlines[k]).total_seconds() for k in deadlines if k in pending.seen_dt]
+    offsets = [d.timestamp() - target for d in deadlines.values()]
+    return {
+        "lateness_s": summary(late),
+        "lateness_values": sorted(late),
+        "deadline_spread_s": max(offsets) - min(offsets),
+        "deadline_after_target_s": summary(offsets),
+        "clock_started_late_s": summary(armed_late),
+        "missed": n - len(late),
+        "cores_used": cores,
+    }
 
 
-def proc_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds used so far, RSS in MB) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss_kb = next(
-        int(line.split()[1])
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("VmRSS")
+def reference(cluster: Cluster, op: Operator, namespace: str, n: int) -> dict[str, Any]:
+    """n claimed orders (long timeouts: the operator leaves them alone), then n status CAS writes
+    at once from 32 threads sharing one client, as the operator's API pool does."""
+    preparer = WorkOrders(cluster.client(pool=PREPARE_THREADS), "bench-agent")
+
+    def one(i: int) -> WorkOrder:
+        order = create_order(preparer.api, namespace, f"r-{i}", claimTimeoutSeconds=86400)
+        return cas(preparer, order, lambda o: lifecycle.claim(o, AGENT, utcnow()))
+
+    with thread_pool(PREPARE_THREADS, "prepare") as pool:
+        claimed = run_all(pool, one, n)
+    pending = PhaseWatch(cluster.api, namespace, "Pending", names=[])
+    for order in claimed:
+        pending.allow(order.name, after=order)
+    time.sleep(1.0)  # let the preparation's watch events drain
+    writer = WorkOrders(cluster.client(pool=OPERATOR_CONCURRENCY), "bench-reference")
+    done: dict[str, float] = {}
+
+    def write(i: int) -> None:
+        order = claimed[i]
+        # The operator's write shape: guard the whole status it read, then set the new status.
+        new = lifecycle.release(order, AGENT.id, order.status.attempt, utcnow(), "reference").status
+        writer.write_status(order, lifecycle.StatusWrite("reference", {"/status": order.raw_status}, new))
+        done[order.name] = time.time()
+
+    try:
+        cpu = CpuMeter(cluster, op)
+        started, started_dt = time.time(), utcnow()
+        with thread_pool(OPERATOR_CONCURRENCY, "reference") as pool:
+            run_all(pool, write, n)
+        seconds = time.time() - started
+        pending.wait(n, timeout=60)
+        cores = cpu.stop()
+    finally:
+        pending.stop()
+    seen = [(t - started_dt).total_seconds() for t in pending.seen_dt.values()]
+    return {
+        "writes": n,
+        "concurrency": OPERATOR_CONCURRENCY,
+        "burst_seconds": seconds,
+        "writes_per_s": n / seconds,
+        "answered_after_s": summary([t - started for t in done.values()]),
+        "lateness_s": summary(seen),
+        "lateness_values": sorted(seen),
+        "missed": n - len(seen),
+        "cores_used": cores,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    n = 100 if quick else 1000
+    with control_plane(NAME) as cluster, operator(cluster, NAME) as op:
+        for ns in ("expiry", "due", "reference"):
+            cluster.namespace(ns)
+        log(f"expiry: {n} claims expiring within one second ...")
+        expiry = burst(cluster, op, "expiry", n, EXPIRY)
+        log(f"due: {n} retries due within one second ...")
+        due = burst(cluster, op, "due", n, DUE)
+        log(f"reference: {n} status CAS writes at once, {OPERATOR_CONCURRENCY} threads ...")
+        ref = reference(cluster, op, "reference", n)
+    rows = [("expiry", expiry), ("due", due), ("reference burst", ref)]
+    table(
+        f"deadline lateness, {n} deadlines in one second (s; target p99 <= {TARGET_P99})",
+        ["burst", "n", "p50", "p90", "p99", "max", "missed"],
+        [[k, r["lateness_s"]["n"], *(r["lateness_s"][p] for p in ("p50", "p90", "p99", "max")), r["missed"]]
+         for k, r in rows],
+    )  # fmt: skip
+    print(
+        f"reference: {n} CAS writes in {ref['burst_seconds']:.2f}s ({ref['writes_per_s']:.0f}/s); "
+        f"deadline spread expiry {expiry['deadline_spread_s']:.2f}s, due {due['deadline_spread_s']:.2f}s"
     )
-    return cpu, rss_kb / 1024
+    cores_table(rows)
+    headlines = []
+    for key, r in (("expiry", expiry), ("due", due)):
+        p99 = r["lateness_s"]["p99"]
+        headlines += [
+            Headline(f"{key} lateness p50", r["lateness_s"]["p50"], "s"),
+            Headline(f"{key} lateness p99", p99, "s", f"<= {TARGET_P99} s", p99 <= TARGET_P99 and r["missed"] == 0),
+            Headline(f"{key} lateness max", r["lateness_s"]["max"], "s"),
+        ]
+    headlines += [
+        Headline("reference: burst p99 (seen Pending)", ref["lateness_s"]["p99"], "s"),
+        Headline("reference: burst duration", ref["burst_seconds"], "s"),
+    ]
+    data = {"deadlines": n, "expiry": expiry, "due": due, "reference": ref}
+    return write_results(NAME, quick, data, headlines, chart(expiry, due, ref, n))
 
 
-def bench_idle(api: client.ApiClient, namespace: str, n: int, operator_pid: int, window: float) -> dict[str, float]:
-    orders = WorkOrders(api, "bench-agent")
-    content = "payload: " + "x" * 1000 + "\n"
+def cores_table(rows: list[tuple[str, dict[str, Any]]]) -> None:
+    parts = ["operator", "kube-apiserver", "etcd", "bench", "machine"]
+    table(
+        "cores used during each burst (machine: every process, other test runs included)",
+        ["burst", *parts],
+        [[k, *(f"{r['cores_used'].get(p, 0):.2f}" for p in parts)] for k, r in rows],
+    )
 
-    def one(i: int) -> None:
-        order = create(api, namespace, f"idle-{i}", yamlContent=content, claimTimeoutSeconds=86400)
-        if i % 2:
-            write(orders, order, lambda o: lifecycle.claim(o, AGENT, utcnow()))
 
-    started = time.monotonic()
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(one, range(n)))
-    created_s = time.monotonic() - started
-    # Let the operator finish initialising every order before measuring idleness.
-    objects = client.CustomObjectsApi(api)
-    while True:
-        items = objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-        if all("conditions" in (o.get("status") or {}) for o in items):
-            break
-        time.sleep(2)
-    time.sleep(5)
-    cpu0, _ = proc_usage(operator_pid)
-    time.sleep(window)
-    cpu1, rss = proc_usage(operator_pid)
-    return {"orders": n, "create_s": created_s, "idle_cpu_pct_of_core": 100 * (cpu1 - cpu0) / window, "rss_mb": rss}
+def chart(expiry: dict[str, Any], due: dict[str, Any], ref: dict[str, Any], n: int) -> Any:
+    fig, (cdf, hist) = new_figure(ncols=2)
+    series = [
+        ("claims expiring", expiry["lateness_values"], "tab:blue"),
+        ("retries due", due["lateness_values"], "tab:orange"),
+        ("reference: CAS burst (32 threads)", ref["lateness_values"], "tab:gray"),
+    ]
+    for label, values, color in series:
+        if values:
+            cdf.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label, color=color)
+    top = max((max(v) for _, v, _ in series if v), default=1.0)
+    bins = [top * i / 40 for i in range(41)]
+    for label, values, color in series:
+        hist.hist(values, bins=bins, alpha=0.5, label=label, color=color)
+    for ax in (cdf, hist):
+        ax.axvline(TARGET_P99, color="tab:red", linestyle="--", label=f"target p99 <= {TARGET_P99} s")
+        ax.set_xlabel("seconds after the deadline until seen Pending")
+    cdf.axhline(0.99, color="tab:red", linestyle=":", linewidth=0.8)
+    cdf.set_ylabel("share of orders")
+    cdf.set_title(f"CDF, {n} deadlines within one second")
+    hist.set_ylabel("orders")
+    hist.set_title("histogram")
+    cdf.legend(loc="lower right", fontsize=8)
+    return fig
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    args = parser.parse_args()
-    burst, idle_n, window = (100, 1000, 10.0) if args.quick else (1000, 10000, 30.0)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="wo-bench-") as tmp:
-        plane = envtest.ControlPlane(Path(tmp) / "cp")
-        plane.start()
-        op: subprocess.Popen[bytes] | None = None
-        try:
-            api = api_client(str(plane.kubeconfig), pool=32)
-            envtest.install_crds(api, envtest.workorder_crds())
-            core = client.CoreV1Api(api)
-            for ns in ("expiry", "due", "idle"):
-                core.create_namespace({"metadata": {"name": ns}})
-            log = open(Path(tmp) / "operator.log", "wb")  # noqa: SIM115
-            op = subprocess.Popen(
-                [sys.executable, "-m", "workorder_operator.main", "--kubeconfig", str(plane.kubeconfig), "-A"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            time.sleep(3)
-            results: dict[str, Any] = {"date": utcnow().isoformat(), "machine": f"{os.cpu_count()} cores"}
-            print(f"expiry: {burst} claims expiring within one second ...", flush=True)
-            results["expiry"] = bench_burst(api, "expiry", burst, max(20.0, burst / 25), claim_expiring(api, "expiry"))
-            print(f"due: {burst} retries due within one second ...", flush=True)
-            results["due"] = bench_burst(api, "due", burst, max(25.0, burst / 15), retry_due(api, "due"))
-            print(f"idle: {idle_n} orders, nothing due ...", flush=True)
-            results["idle"] = bench_idle(api, "idle", idle_n, op.pid, window)
-        finally:
-            if op is not None:
-                op.terminate()
-                op.wait(20)
-            plane.stop()
-    out = RESULTS / "deadlines.json"
-    out.write_text(json.dumps(results, indent=2))
-    print()
-    print(f"{'deadline lateness (s)':<24}{'n':>6}{'p50':>9}{'p99':>9}{'max':>9}  target p99 <= 0.5")
-    for key in ("expiry", "due"):
-        r = results[key]
-        print(f"{key:<24}{r['n']:>6}{r['p50']:>9.3f}{r['p99']:>9.3f}{r['max']:>9.3f}  missed {r['missed']}")
-    idle = results["idle"]
-    print(
-        f"idle at {idle['orders']} orders: CPU {idle['idle_cpu_pct_of_core']:.2f}% of a core (target < 2%), "
-        f"RSS {idle['rss_mb']:.0f} MB (target < 300 MB)"
-    )
-    print(f"results: {out}")
-    return 0
+    return main_of(run, __doc__.split("\n")[0], "100 deadlines per burst instead of 1,000")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # A restart appends to the same log: wait for a start line after what is there now.
+        seen = self.log_path.read_bytes().count(b"workorder engine started") if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workorder_operator.main", "--kubeconfig", str(self.kubeconfig), *self.args],
@@ -95,7 +97,9 @@ class OperatorProcess:
         )
         log.close()
         try:
-            wait_for(lambda: b"workorder engine started" in self.log_path.read_bytes(), 30, what="operator start")
+            wait_for(
+                lambda: self.log_path.read_bytes().count(b"workorder engine started") > seen, 30, what="operator start"
+            )
         except BaseException:
             self.stop()  # never leave a half-started operator behind
             raise

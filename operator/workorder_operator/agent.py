@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 import uuid
@@ -28,16 +29,20 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from workorder_operator import lifecycle
-from workorder_operator.kube import Conflict, NotFound, WorkOrders
+from workorder_operator.kube import Conflict, NotFound, WorkOrders, explain
 from workorder_operator.lifecycle import StatusWrite, TransitionError
 from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
 from workorder_operator.targeting import AgentIdentity, admits
 
 log = logging.getLogger(__name__)
+
+# The most candidates a contended agent spreads its claim attempts over.
+CLAIM_WINDOW_MAX = 8
 
 
 class ClaimLost(Exception):
@@ -50,6 +55,26 @@ class Failure(Exception):
     def __init__(self, error: str, *, retryable: bool = True) -> None:
         super().__init__(error)
         self.retryable = retryable
+
+
+def readable(bodies: list[dict[str, Any]]) -> list[WorkOrder]:
+    """The orders that parse; one with a status we cannot read (the API server accepts dates like
+    year 0000) is skipped with a warning instead of blocking every other order."""
+    orders = []
+    for body in bodies:
+        try:
+            orders.append(WorkOrder.from_body(body))
+        except (KeyError, ValueError, TypeError) as exc:
+            meta = body.get("metadata", {})
+            log.warning("workorder %s/%s: unreadable (%s); skipping it", meta.get("namespace"), meta.get("name"), exc)
+    return orders
+
+
+def _transient(exc: Exception) -> bool:
+    """An error that may go away by itself: the API server is unreachable, overloaded or restarting."""
+    if isinstance(exc, ApiException):
+        return exc.status in (429, 500, 502, 503, 504) or exc.status is None or exc.status == 0
+    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
 
 
 def order_sort_key(order: WorkOrder) -> tuple[int, Any, str]:
@@ -98,19 +123,34 @@ class Claim:
         with self._lock:
             if self.done:
                 raise ClaimLost(self._lost or f"{self.order.key}: attempt {self.attempt} is already finished")
-            for _ in range(3):
+            # An API outage must not lose a finished attempt: keep trying while the claim can
+            # still be ours (it cannot outlive its timeout anyway).
+            give_up = time.monotonic() + min(max(self.order.spec.claim_timeout_seconds, 30), 300)
+            races = 0
+            pause = 0.5
+            while True:
                 try:
                     body = self.agent.orders.write_status(self.order, make(self.order, utcnow()))
                 except (Conflict, TransitionError) as exc:
                     # Our copy may just be old; the guards say whether the claim is still ours.
+                    races += 1
+                    if races > 3:
+                        raise ClaimLost(f"{self.order.key}: {what} kept losing races; giving up") from exc
                     self._refresh(what, exc)
                     continue
                 except NotFound as exc:
                     raise self._lose(f"{self.order.key}: {what} failed: the order was deleted") from exc
+                except Exception as exc:
+                    if not _transient(exc) or time.monotonic() + pause > give_up:
+                        raise
+                    log.warning("%s: %s failed (%s); trying again in %.1fs", self.order.key, what, exc, pause,
+                                extra=self.order.logref)  # fmt: skip
+                    time.sleep(pause)
+                    pause = min(pause * 2, 10.0)
+                    continue
                 self.order = WorkOrder.from_body(body)
                 self.done = final
                 return
-            raise ClaimLost(f"{self.order.key}: {what} kept losing races; giving up")
 
     def _refresh(self, what: str, cause: Exception) -> None:
         try:
@@ -191,6 +231,8 @@ class Agent:
         # One field manager for all agents: managedFields stays one entry however many agents write.
         self.orders = WorkOrders(api, "workorder-agent")
         self._user: str | None = None
+        # How many of the oldest candidates the run loop spreads its attempts over (grows on lost races).
+        self._window = 1
 
     @property
     def id(self) -> str:
@@ -231,7 +273,7 @@ class Agent:
     def candidates(self) -> list[WorkOrder]:
         """Claimable orders, in offer order."""
         bodies, _ = self.orders.list(self.namespace, field_selector=self._selector())
-        orders = [WorkOrder.from_body(b) for b in bodies]
+        orders = readable(bodies)
         return sorted((o for o in orders if self.takes(o)), key=order_sort_key)
 
     def claim(self, order: WorkOrder) -> Claim | None:
@@ -245,7 +287,7 @@ class Agent:
     def held(self) -> list[Claim]:
         """Handles on the claims this agent id holds now: after a restart, resume them."""
         bodies, _ = self.orders.list(self.namespace, field_selector=f"status.phase={Phase.CLAIMED}")
-        orders = (WorkOrder.from_body(b) for b in bodies)
+        orders = readable(bodies)
         return [Claim(self, o) for o in orders if o.status.claimed_by == self.id and self.takes_type(o)]
 
     def claim_next(self, candidates: Sequence[WorkOrder] | None = None) -> Claim | None:
@@ -287,6 +329,8 @@ class Agent:
                 log.info("%s: resuming attempt %d", held.order.key, held.attempt, extra=held.order.logref)
                 in_flight[held.order.key] = (held, pool.submit(self._work, held, handler))
             while not stop.is_set():
+                # Cleared before looking, so a watch event or a finished worker from now on wakes us.
+                pending.changed.clear()
                 for key in [k for k, (_, f) in in_flight.items() if f.done()]:
                     del in_flight[key]
                 try:
@@ -296,10 +340,11 @@ class Agent:
                     stop.wait(1.0)
                     continue
                 if claim is not None:
-                    in_flight[claim.order.key] = (claim, pool.submit(self._work, claim, handler))
+                    future = pool.submit(self._work, claim, handler)
+                    future.add_done_callback(lambda _: pending.changed.set())  # a free slot: claim the next
+                    in_flight[claim.order.key] = (claim, future)
                     continue
                 pending.changed.wait(0.5)
-                pending.changed.clear()
         finally:
             stop.set()
             pending.stop()
@@ -315,28 +360,54 @@ class Agent:
                         log.info("%s: released (agent shutting down)", claim.order.key, extra=claim.order.logref)
 
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
-        for order in pending.snapshot():
+        for order in self._spread(pending.snapshot()):
             claim = self.claim(order)
             # Won or lost, this version is no longer Pending; the watch brings it back if it is again.
             pending.discard(order)
             if claim is not None:
+                self._window = max(1, self._window // 2)
                 return claim
+            self._window = min(CLAIM_WINDOW_MAX, self._window * 2)
         return None
+
+    def _spread(self, candidates: list[WorkOrder]) -> list[WorkOrder]:
+        """Candidates in offer order, except that after lost races the first few of the same
+        priority are tried in random order: many agents stop all racing for the one oldest order.
+        Uncontended, the window is 1 and the order is strict."""
+        if self._window <= 1 or not candidates:
+            return candidates
+        top = candidates[0].spec.priority
+        head = [o for o in candidates[: self._window] if o.spec.priority == top]
+        random.shuffle(head)
+        return head + candidates[len(head) :]
 
     def _work(self, claim: Claim, handler: Callable[[Claim], str | None]) -> None:
         ref = claim.order.logref
         try:
             with claim.renewing():
                 result = handler(claim)
-            if not claim.done:
-                claim.complete(result or "")
-                log.info("%s: attempt %d completed", claim.order.key, claim.attempt, extra=ref)
         except ClaimLost as exc:
             log.warning("%s", exc, extra=ref)
+            return
         except Failure as exc:
             self._fail(claim, str(exc), exc.retryable)
+            return
+        except ApiException as exc:
+            self._fail(claim, f"API error {exc.status}: {explain(exc)}", True)
+            return
         except Exception as exc:
             self._fail(claim, f"{type(exc).__name__}: {exc}", True)
+            return
+        if claim.done:  # the handler finished the claim itself
+            return
+        try:
+            claim.complete(result or "")
+            log.info("%s: attempt %d completed", claim.order.key, claim.attempt, extra=ref)
+        except ClaimLost as exc:
+            log.warning("%s", exc, extra=ref)
+        except Exception as exc:  # the API stayed away longer than the claim can live: it will expire
+            log.error("%s: could not report the completion of attempt %d: %s", claim.order.key, claim.attempt, exc,
+                      extra=ref)  # fmt: skip
 
     @staticmethod
     def _fail(claim: Claim, error: str, retryable: bool) -> None:
@@ -348,6 +419,9 @@ class Agent:
                      claim.order.status.phase, error, extra=claim.order.logref)  # fmt: skip
         except ClaimLost as exc:
             log.warning("%s", exc, extra=claim.order.logref)
+        except Exception as exc:  # the API stayed away longer than the claim can live: it will expire
+            log.error("%s: could not report the failure of attempt %d: %s", claim.order.key, claim.attempt, exc,
+                      extra=claim.order.logref)  # fmt: skip
 
 
 class PendingOrders:
@@ -401,7 +475,7 @@ class PendingOrders:
     def _list_and_watch(self) -> None:
         bodies, version = self.agent.orders.list(self.agent.namespace, field_selector=self.agent._selector())
         with self._lock:
-            self._orders = {(o := WorkOrder.from_body(b)).key: o for b in bodies}
+            self._orders = {o.key: o for o in readable(bodies)}
         self.changed.set()
         objects = client.CustomObjectsApi(self.agent.api)
         args: tuple[Any, ...] = (
@@ -421,9 +495,18 @@ class PendingOrders:
                     version = body["metadata"]["resourceVersion"]
                     if event["type"] == "BOOKMARK":
                         continue
-                    order = WorkOrder.from_body(body)
+                    if event["type"] == "DELETED":  # left Pending (the field selector): no need to parse it
+                        meta = body["metadata"]
+                        with self._lock:
+                            self._orders.pop(f"{meta.get('namespace', '')}/{meta['name']}", None)
+                        self.changed.set()
+                        continue
+                    parsed = readable([body])
+                    if not parsed:
+                        continue
+                    order = parsed[0]
                     with self._lock:
-                        if event["type"] == "DELETED" or order.status.phase != Phase.PENDING:
+                        if order.status.phase != Phase.PENDING:
                             self._orders.pop(order.key, None)
                         else:
                             self._orders[order.key] = order

@@ -53,6 +53,9 @@ class _AliasRefused(Exception):
     pass
 
 
+_KEPT_METADATA = frozenset({"name", "labels", "annotations"})
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses aliases while composing, before any object is built: an alias is
     the only way a small document expands into a huge one (billion laughs)."""
@@ -179,6 +182,9 @@ def _build(number: int, document: dict[str, Any], namespace: str) -> dict[str, A
     except RecursionError:
         raise ContentError(f"{where}: nested too deeply") from None
     build.pop("status", None)
+    # Only what a Build's identity needs: no finalizers (a Build that outlives its order and
+    # blocks its namespace), owner references (we set our own) or other metadata.
+    build["metadata"] = {k: v for k, v in build["metadata"].items() if k in _KEPT_METADATA}
     build["metadata"]["namespace"] = namespace
     return build
 

@@ -23,11 +23,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import urllib3
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from workorder_operator import build, lifecycle, metrics
 from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
-from workorder_operator.kube import Conflict, NotFound, post_event
+from workorder_operator.kube import Conflict, NotFound, explain, post_event
 from workorder_operator.model import WorkOrder, utcnow
 from workorder_operator.shipwright import BUILDRUNS, BUILDS, Shipwright
 from workorder_operator.targeting import admits
@@ -104,7 +106,9 @@ class BuildAgent:
                     self.agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True)
                     return
                 self._mark_waiting()
-            except Exception:  # never let the build agent die with the operator still running
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:  # the API server is away
+                log.warning("build agent: %s; starting again in %.0fs", exc, self.config.discovery_interval)
+            except Exception:  # a bug: never let the build agent die with the operator still running
                 log.exception("build agent loop failed; starting again")
             self.stop.wait(self.config.discovery_interval)
 
@@ -149,7 +153,14 @@ class BuildAgent:
         except build.ContentError as exc:
             raise Failure(str(exc), retryable=False) from exc
         for doc in plan.builds:
-            self.shipwright.apply_build(order, doc)
+            try:
+                self.shipwright.apply_build(order, doc)
+            except ApiException as exc:
+                if exc.status in (429, 500, 502, 503, 504) and "typed" not in (exc.body or ""):
+                    raise  # the API server is busy or away: a retryable failure
+                # Refused for what it is (invalid for the Build schema, forbidden...): no retry helps.
+                raise Failure(f"Build {doc['metadata']['name']!r} refused by the API server: {explain(exc)}",
+                              retryable=False) from None  # fmt: skip
         self._wait_registered(claim, plan.run)
         name = build.buildrun_name(order.name, claim.attempt)
         self.shipwright.ensure_buildrun(order, name, plan.run)

@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from workorder_operator import __version__, lifecycle
 from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
 from workorder_operator.kube import NotFound, WorkOrders, api_client
+from workorder_operator.kube import explain as api_message
 from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
 from workorder_operator.seed import seed_view
 
@@ -100,7 +101,7 @@ def explain(exc: BaseException, session: Session | None) -> CliError:
             f"cannot reach {host}: {exc.__class__.__name__}; is the cluster up? check --kubeconfig/--context",
         )
     if isinstance(exc, ApiException):
-        message = _api_message(exc)
+        message = api_message(exc)
         if exc.status == 403:
             return CliError("forbidden", f"forbidden: {message}; ask for the workorder-agent/workorder-edit role")
         if exc.status == 404:
@@ -113,13 +114,6 @@ def explain(exc: BaseException, session: Session | None) -> CliError:
             return CliError("forbidden", f"unauthorized: {message}; your credentials were refused")
         return CliError("error", f"the API server refused: {message}")
     return CliError("error", f"{exc.__class__.__name__}: {exc}")
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)
 
 
 # --- output -------------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ class Engine:
         self.orders = orders
         self.clock = clock
         self.scheduler = DeadlineScheduler(self._fire, concurrency=concurrency, clock=clock)
+        # Made inside kopf's running loop: the loop worker threads call back into.
+        self._loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="workorder-api")
         # Events go through their own small pool so a burst of them never queues ahead of transitions.
         self._event_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workorder-events")
@@ -86,6 +88,8 @@ class Engine:
         # Content the operator itself cannot run: a reason to fail the order at initialisation.
         self._reject = reject
         self._tracked: dict[str, _Tracked] = {}
+        # Orders whose content is being (or was) checked for rejection, so each is parsed once.
+        self._checking: set[str] = set()
         # Count transitions in metrics (only the leader does, so replicas never double-count).
         self.counting = False
 
@@ -93,6 +97,12 @@ class Engine:
 
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         """A watch event (or a fresh read): remember the order and arm its next deadline."""
+        try:
+            self._observe(event_type, body)
+        except Exception:  # one order we cannot handle must never stop the others
+            log.exception("workorder %s/%s: cannot process it; ignoring this version", *_name(body))
+
+    def _observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         uid = body.get("metadata", {}).get("uid")
         if not uid:
             return
@@ -108,9 +118,6 @@ class Engine:
         tracked = self._tracked.get(uid)
         if tracked is not None and _rv(order) < _rv(tracked.order):
             return  # an older version than one we already hold (our own write's answer came first)
-        rejection = None
-        if self._reject is not None and lifecycle.needs_initialise(order):
-            rejection = self._reject(order)
         if self.counting:
             if tracked is not None:
                 metrics.record_change(tracked.order, order)
@@ -119,18 +126,43 @@ class Engine:
                 # our watch): count from the state every order is born in.
                 born = order.model_copy(update={"status": Status(phase=Phase.PENDING), "raw_status": {}})
                 metrics.record_change(born, order)
-        tracked = self._track(order, tracked, rejection)
+        tracked = self._track(order, tracked, tracked.rejection if tracked else None)
+        if self._reject is not None and lifecycle.needs_initialise(order) and uid not in self._checking:
+            # Parsing content can take seconds (256 KiB of YAML): never on the event loop.
+            self._checking.add(uid)
+            asyncio.get_running_loop().run_in_executor(self._pool, self._check_content, order)
+        self._arm(tracked)
+
+    def _check_content(self, order: WorkOrder) -> None:
+        """In a worker thread: why the operator cannot run this order's content, if it cannot."""
+        assert self._reject is not None
+        try:
+            rejection = self._reject(order)
+        except Exception:
+            log.exception("%s: content check failed", order.key, extra=order.logref)
+            return
+        if rejection is not None:
+            self._loop.call_soon_threadsafe(self._rejected, order.uid, rejection)
+
+    def _rejected(self, uid: str, rejection: str) -> None:
+        tracked = self._tracked.get(uid)
+        if tracked is not None:
+            tracked.rejection = rejection
+            self._arm(tracked)
+
+    def _arm(self, tracked: _Tracked) -> None:
         plan = _plan(tracked)
         if plan.at is None:
-            self.scheduler.cancel(uid)
+            self.scheduler.cancel(tracked.order.uid)
         else:
-            self.scheduler.schedule(uid, plan.at)
+            self.scheduler.schedule(tracked.order.uid, plan.at)
 
     def tracked_orders(self) -> Iterator[WorkOrder]:
         return (t.order for t in list(self._tracked.values()))
 
     def forget(self, uid: str) -> None:
         self._tracked.pop(uid, None)
+        self._checking.discard(uid)
         self.scheduler.cancel(uid)
 
     def _track(self, order: WorkOrder, previous: _Tracked | None, rejection: str | None) -> _Tracked:

@@ -67,7 +67,7 @@ def _is_lost_race(exc: ApiException) -> bool:
     return not details.get("causes")
 
 
-def _explain(exc: ApiException) -> str:
+def explain(exc: ApiException) -> str:
     try:
         return str(json.loads(exc.body or "{}").get("message") or exc.reason)
     except ValueError:
@@ -113,7 +113,7 @@ class WorkOrders:
             if exc.status == 404:
                 raise NotFound(f"workorder {order.key} not found") from exc
             if _is_lost_race(exc):
-                raise Conflict(f"{write.transition} of {order.key} lost a race: {_explain(exc)}") from exc
+                raise Conflict(f"{write.transition} of {order.key} lost a race: {explain(exc)}") from exc
             raise
         return body
 
@@ -147,4 +147,4 @@ def post_event(api: client.ApiClient, order: WorkOrder, kind: str, reason: str, 
     try:
         client.CoreV1Api(api).create_namespaced_event(order.namespace, body)
     except ApiException as exc:
-        log.warning("%s: cannot post event %s: %s", order.key, reason, _explain(exc))
+        log.warning("%s: cannot post event %s: %s", order.key, reason, explain(exc))

@@ -26,9 +26,10 @@ from workorder_operator.model import Outcome, Phase, WorkOrder, format_time
 from workorder_operator.targeting import AgentIdentity, admits
 
 HISTORY_LIMIT = 10
-# A new order is claimable at once (CRD defaults); the operator adds its conditions only if no
-# agent has claimed it within this grace, so a busy queue costs no extra write per order.
-INITIALISE_GRACE = dt.timedelta(seconds=1)
+# A new order is claimable at once (CRD defaults; its observedGeneration 0 already reads as "in
+# progress" to kstatus); the operator adds its conditions only if no agent has claimed it within
+# this grace, so a busy queue costs no extra write per order.
+INITIALISE_GRACE = dt.timedelta(seconds=5)
 MESSAGE_LIMIT = 4096
 RESULT_LIMIT = 16384
 
@@ -302,6 +303,18 @@ def waiting(order: WorkOrder, reason: str, message: str, now: dt.datetime) -> St
     return StatusWrite("waiting", _unchanged(order), status, message)
 
 
+# Beyond any real deadline: what a timestamp near year 9999 plus a timeout becomes.
+FAR_FUTURE = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def _after(t: dt.datetime, seconds: float) -> dt.datetime:
+    """t + seconds, saturating instead of overflowing (a status may carry any valid date)."""
+    try:
+        return t + dt.timedelta(seconds=seconds)
+    except OverflowError:
+        return FAR_FUTURE
+
+
 def claim_deadline(order: WorkOrder, first_seen: dt.datetime | None = None) -> dt.datetime:
     """When the current claim expires: claimTimeoutSeconds after the latest sign of life.
 
@@ -312,7 +325,7 @@ def claim_deadline(order: WorkOrder, first_seen: dt.datetime | None = None) -> d
     status = order.status
     marks = [t for t in (status.claimed_at, status.renewed_at, order.status_written_at, first_seen) if t]
     start = max(marks, default=order.created_at)
-    return start + dt.timedelta(seconds=order.spec.claim_timeout_seconds)
+    return _after(start, order.spec.claim_timeout_seconds)
 
 
 def expire(order: WorkOrder, now: dt.datetime, first_seen: dt.datetime | None = None) -> StatusWrite:
@@ -379,5 +392,5 @@ def plan(order: WorkOrder, first_seen: dt.datetime | None = None, *, rejected: b
         return Plan(Action.DUE, s.next_retry_after or order.created_at)
     if s.phase is not None and s.phase.terminal and order.spec.ttl_seconds_after_finished is not None:
         finished = s.completed_at or s.updated_at or order.created_at
-        return Plan(Action.DELETE, finished + dt.timedelta(seconds=order.spec.ttl_seconds_after_finished))
+        return Plan(Action.DELETE, _after(finished, order.spec.ttl_seconds_after_finished))
     return Plan()

@@ -39,8 +39,8 @@ class Shipwright:
         """Whether the cluster serves shipwright.io/v1beta1 (discovery, not a guess from errors)."""
         try:
             groups = client.ApisApi(self.api).get_api_versions().groups or []
-        except ApiException as exc:
-            log.warning("API discovery failed: %s", exc.reason)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("API discovery failed: %s", getattr(exc, "reason", None) or exc)
             return False
         return any(g.name == GROUP and any(v.version == VERSION for v in g.versions) for g in groups)
 

@@ -36,7 +36,7 @@ def test_new_order_is_pending_at_once_and_initialised_by_operator(
 ) -> None:
     created = create_order(cluster.api, namespace, "init")
     # CRD defaults: claimable the moment it exists, before the operator has looked at it.
-    assert created["status"] == {"phase": "Pending", "attempt": 0, "retryCount": 0}
+    assert created["status"] == {"phase": "Pending", "attempt": 0, "retryCount": 0, "observedGeneration": 0}
     a = agent(cluster)
     order = wait_for(lambda: (o := a.read(namespace, "init")).raw_status.get("conditions") and o)
     assert condition(order, "Succeeded")["status"] == "Unknown"
