@@ -18,7 +18,7 @@ export CGO_ENABLED=0
 build() { # dir module-dir ldflags packages...
   local out=$1 moddir=$2 ldflags=$3; shift 3
   local tmp; tmp=$(mktemp -d "$cache/build.XXXXXX")
-  echo ">> building $* (one time; a cold build takes 10-20 minutes on 2 cores)"
+  echo ">> building $* (one time: about 6 minutes on 2 cores, more if Go must download modules)"
   local start=$SECONDS
   # -v prints each package as it compiles: the progress of a long build.
   (cd "$moddir" && go build -v -trimpath -o "$tmp/" -ldflags "$ldflags" "$@" 2>&1) \
