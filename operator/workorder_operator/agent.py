@@ -41,8 +41,10 @@ from workorder_operator.targeting import AgentIdentity, admits
 
 log = logging.getLogger(__name__)
 
-# The most candidates a contended agent spreads its claim attempts over.
-CLAIM_WINDOW_MAX = 8
+# The most candidates a contended agent spreads its claim attempts over, and how many races it may
+# lose in a row before it waits for its watch to catch up (its view of Pending orders is stale).
+CLAIM_WINDOW_MAX = 32
+LOST_RACES_PER_ROUND = 2
 
 
 class ClaimLost(Exception):
@@ -360,7 +362,12 @@ class Agent:
                         log.info("%s: released (agent shutting down)", claim.order.key, extra=claim.order.logref)
 
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
-        for order in self._spread(pending.snapshot()):
+        for lost, order in enumerate(self._spread(pending.snapshot())):
+            if lost >= LOST_RACES_PER_ROUND:
+                # Others are taking what we see: marching down a stale list only loses more races.
+                # A short, random pause lets our watch catch up and the racers drift apart.
+                time.sleep(random.uniform(0.01, 0.04))
+                return None
             claim = self.claim(order)
             # Won or lost, this version is no longer Pending; the watch brings it back if it is again.
             pending.discard(order)
