@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,3 +81,17 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Opera
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def no_threads_left() -> Iterator[None]:
+    """Every thread a test starts (agents, their watches, workers, renewals) is gone after it
+    (use with pytest.mark.usefixtures)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 15
+    while (left := [t for t in threading.enumerate() if t not in before and t.is_alive()]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert not left, f"threads left running: {[t.name for t in left]}"

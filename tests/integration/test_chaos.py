@@ -52,17 +52,7 @@ TERMINAL = ("Completed", "Failed")
 # --- helpers ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def no_threads_left() -> Iterator[None]:
-    """Every thread a test starts (agents, their watches, workers, renewals) is gone after it."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 15
-    while (left := [t for t in threading.enumerate() if t not in before and t.is_alive()]) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
-    assert not left, f"threads left running: {[t.name for t in left]}"
+pytestmark = pytest.mark.usefixtures("no_threads_left")
 
 
 def orders_in(api: client.ApiClient, namespace: str) -> dict[str, WorkOrder]:
