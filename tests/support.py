@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from typing import Any, TypeVar
 from kubernetes import client
 
 from workorder_operator import lifecycle
+from workorder_operator.agent import Agent as SdkAgent
+from workorder_operator.agent import Claim
 from workorder_operator.kube import WorkOrders
 from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
 from workorder_operator.targeting import AgentIdentity
@@ -123,3 +126,32 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class RunningAgent:
+    """`Agent.run` in a thread; `stop` ends it, `join` stops it, waits and re-raises its error."""
+
+    def __init__(self, agent: SdkAgent, handler: Callable[[Claim], str | None], **options: Any) -> None:
+        self.agent = agent
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(handler, options), name=f"test-agent-{agent.id[:8]}", daemon=True
+        )
+
+    def _run(self, handler: Callable[[Claim], str | None], options: dict[str, Any]) -> None:
+        try:
+            self.agent.run(handler, stop=self.stop, **options)
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> RunningAgent:
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float = 30) -> None:
+        self.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"run() of agent {self.agent.id} did not return within {timeout}s"
+        if self.error is not None:
+            raise self.error

@@ -27,6 +27,7 @@ from kubernetes import client
 
 from tests.conftest import Cluster
 from tests.support import OperatorProcess, create_order, wait_for
+from tests.support import RunningAgent as Running
 from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
 from workorder_operator.kube import WorkOrders, api_client
 from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
@@ -86,32 +87,6 @@ def claim_all(agent: Agent) -> list[Claim]:
 
 def history_outcomes(order: WorkOrder) -> list[str]:
     return [h["outcome"] for h in order.raw_status.get("history", [])]
-
-
-class Running:
-    """`agent.run(...)` in a thread; `stop` ends it, `join` waits for it and re-raises its error."""
-
-    def __init__(self, agent: Agent, handler: Handler, **options: Any) -> None:
-        self.agent = agent
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(handler, options), name=f"test-agent-{agent.id[:8]}")
-
-    def _run(self, handler: Handler, options: dict[str, Any]) -> None:
-        try:
-            self.agent.run(handler, stop=self.stop, **options)
-        except BaseException as exc:
-            self.error = exc
-
-    def start(self) -> Running:
-        self.thread.start()
-        return self
-
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"run() of agent {self.agent.id} did not return within {timeout}s"
-        if self.error is not None:
-            raise self.error
 
 
 @contextlib.contextmanager

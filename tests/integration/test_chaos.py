@@ -40,6 +40,7 @@ from tests.conftest import Cluster
 from tests.shipwright_sim import KANIKO_BUILD
 from tests.support import Agent as Claimer
 from tests.support import OperatorProcess, create_order, wait_for
+from tests.support import RunningAgent as Running
 from workorder_operator import envtest, lifecycle
 from workorder_operator.agent import Agent, Claim, Failure
 from workorder_operator.kube import Conflict, WorkOrders, api_client
@@ -101,35 +102,6 @@ def admin_status(api: client.ApiClient, namespace: str, name: str, status: dict[
         GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type="application/merge-patch+json"
     )
     return result
-
-
-class Running:
-    """`Agent.run` in a thread; `stop` ends it, `join` waits for it and re-raises its error."""
-
-    def __init__(self, agent: Agent, handler: Callable[[Claim], str | None], **options: Any) -> None:
-        self.agent = agent
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(
-            target=self._run, args=(handler, options), name=f"chaos-agent-{agent.id[:8]}", daemon=True
-        )
-
-    def _run(self, handler: Callable[[Claim], str | None], options: dict[str, Any]) -> None:
-        try:
-            self.agent.run(handler, stop=self.stop, **options)
-        except BaseException as exc:
-            self.error = exc
-
-    def start(self) -> Running:
-        self.thread.start()
-        return self
-
-    def join(self, timeout: float = 30) -> None:
-        self.stop.set()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"run() of agent {self.agent.id} did not return within {timeout}s"
-        if self.error is not None:
-            raise self.error
 
 
 @contextlib.contextmanager
