@@ -93,11 +93,13 @@ def wait_until_enforced(cluster: Cluster, namespace: str, alice: Agent) -> None:
     create_order(cluster.api, namespace, "probe")
 
     def enforced() -> bool:
+        # Pending stays Pending (a write that slips through before the policy loads leaves the
+        # probe usable), but something changes: an agent may not do that.
         order = WorkOrder.from_body(alice.orders.get(namespace, "probe"))
         try:
-            raw_write(alice.api, order, {**order.raw_status, "phase": "Completed"})
+            raw_write(alice.api, order, {**order.raw_status, "lastError": f"probe {uuid.uuid4()}"})
         except client.ApiException as exc:
-            return exc.status in (403, 422)
+            return exc.status in (403, 422) and "workorder-status-transitions" in (exc.body or "")
         return False
 
     wait_for(enforced, timeout=20, interval=0.5, what="the admission policy to be enforced")
