@@ -4,8 +4,9 @@ SHELL := /bin/bash
 
 CACHE   ?= $(HOME)/.cache/workorder-operator
 PYTHON  ?= python3
-# The virtualenv lives outside the repository, keyed by the dependency list, so fresh clones reuse it.
-VENV    := $(CACHE)/venv-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# The virtualenv lives outside the repository, one per clone and dependency list: its editable
+# install points at this clone, so two clones (or worktrees) never test each other's code.
+VENV    := $(CACHE)/venv-$(shell cat pyproject.toml | sha256sum | cut -c1-8)-$(shell echo "$(CURDIR)" | sha256sum | cut -c1-8)
 BIN     := $(VENV)/bin
 LOCAL   := $(CURDIR)/.local
 KUBECONFIG_LOCAL := $(LOCAL)/kubeconfig
@@ -27,10 +28,11 @@ $(VENV)/.done: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-venv: $(VENV)/.done ## create the virtualenv (once per dependency set) and install the package in it
-	@# The editable install points at this clone; re-point it cheaply when run from another clone.
+venv: $(VENV)/.done ## create this clone's virtualenv (once per dependency set) and print where it is
+	@# A clone moved on disk gets a new venv; one that somehow points elsewhere is an error, never re-pointed silently.
 	@$(BIN)/python -c 'import workorder_operator, pathlib, sys; sys.exit(pathlib.Path(workorder_operator.__file__).resolve().parents[2] != pathlib.Path("$(CURDIR)").resolve())' \
-		|| $(BIN)/pip install --quiet --no-deps -e .
+		|| { echo "error: $(VENV) imports workorder_operator from another clone; remove it and run make again" >&2; exit 1; }
+	@echo "virtualenv: $(VENV)"
 
 binaries: ## build etcd, kube-apiserver and kube-controller-manager into the cache (once)
 	@tools/build-controlplane.sh
