@@ -11,6 +11,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from workorder_operator.kube import timeout, watch_timeout
 from workorder_operator.model import API_VERSION, KIND, WorkOrder
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Shipwright:
     def installed(self) -> bool:
         """Whether the cluster serves shipwright.io/v1beta1 (discovery, not a guess from errors)."""
         try:
-            groups = client.ApisApi(self.api).get_api_versions().groups or []
+            groups = client.ApisApi(self.api).get_api_versions(_request_timeout=timeout()).groups or []
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("API discovery failed: %s", getattr(exc, "reason", None) or exc)
             return False
@@ -62,7 +63,9 @@ class Shipwright:
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            obj: dict[str, Any] = self.objects.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=timeout()
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -100,6 +103,7 @@ class Shipwright:
             self.objects.patch_namespaced_custom_object(
                 GROUP, VERSION, namespace, BUILDRUNS, name, {"spec": {"state": "BuildRunCanceled"}},
                 field_manager=self.field_manager, _content_type="application/merge-patch+json",
+                _request_timeout=timeout(),
             )  # fmt: skip
         except ApiException as exc:
             if exc.status != 404:  # gone already (garbage-collected with its order): nothing to cancel
@@ -130,7 +134,7 @@ class Shipwright:
                 for event in watch.Watch().stream(
                     self.objects.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
                     field_selector=f"metadata.name={name}", resource_version=version,
-                    timeout_seconds=WATCH_SLICE_SECONDS,
+                    timeout_seconds=WATCH_SLICE_SECONDS, _request_timeout=watch_timeout(WATCH_SLICE_SECONDS),
                 ):  # fmt: skip
                     obj = dict(event["object"])
                     if event["type"] == "ERROR":

@@ -722,7 +722,7 @@ def test_conditions_of_an_sdk_written_order_already_match() -> None:
     ("fields", "succeeded", "reason"),
     [
         ({"phase": "Completed", "completedAt": format_time(NOW), "result": "sha256:1"}, "True", "Completed"),
-        ({"phase": "Failed", "completedAt": format_time(NOW), "result": "boom", "lastError": "boom"}, "False", "Failed"),
+        ({"phase": "Failed", "completedAt": format_time(NOW), "result": "x", "lastError": "x"}, "False", "Failed"),
         ({"phase": "RetryPending", "retryCount": 1, "nextRetryAfter": format_time(NOW)}, "Unknown", "RetryBackoff"),
         ({"phase": "Pending", "claimedBy": None, "claimedAt": None}, "Unknown", "Pending"),
     ],
