@@ -133,6 +133,14 @@ def test_a_build_order_needs_its_creators_own_build_rights(cluster: Cluster, nam
         f"in namespace {namespace}",
     )
     assert "spec.workType build" in message
+    # The seed system's form, a WorkOrder document naming an existing Build, runs it with the
+    # operator's rights just the same: refused alike.
+    build_ref = "apiVersion: workorder.dev/v1alpha1\nkind: WorkOrder\nspec:\n  buildRef:\n    name: prod-app\n"
+    refused_by(
+        lambda: create_as(tenant, namespace, build_body("by-ref", build_ref)),
+        "workorder-executor-rights",
+        "tenant may not create builds.shipwright.io",
+    )
     # Work the operator does not run needs no more than the right to create orders.
     create_as(tenant, namespace, {**build_body("backup", "db: x"), "spec": {"workType": "backup", "yamlContent": "x"}})
     # One right granted: the refusal names only the other.
