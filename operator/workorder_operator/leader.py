@@ -73,9 +73,10 @@ class LeaderElection:
                 begun = time.monotonic()
                 limit = self.remaining() if self.leading else self.config.renew_deadline
                 try:
-                    holding = await asyncio.wait_for(
-                        asyncio.to_thread(self._try_acquire_or_renew, begun + limit), timeout=limit
-                    )
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                    # cancellation (shutdown) that meets the call's end.
+                    async with asyncio.timeout(limit):
+                        holding = await asyncio.to_thread(self._try_acquire_or_renew, begun + limit)
                 except Exception as exc:  # the API server is away or slow: keep the lease until the deadline
                     log.warning("leader election: %s", exc or type(exc).__name__)
                     holding = self.leading and self.remaining() > 0

@@ -24,7 +24,7 @@ from kubernetes import client, config, watch
 
 from tests.conftest import Cluster
 from tests.shipwright_sim import KANIKO_BUILD
-from tests.support import Agent, OperatorProcess, RunningAgent, create_order, wait_for
+from tests.support import Agent, OperatorProcess, RunningAgent, create_order, leader_of, replicas, wait_for
 from workorder_operator import envtest, lifecycle
 from workorder_operator.agent import Agent as SdkAgent
 from workorder_operator.agent import Claim, ClaimLost
@@ -331,11 +331,6 @@ def audited_plane(tmp_path: Path) -> Iterator[tuple[envtest.ControlPlane, Path]]
         plane.stop()
 
 
-def _leader(ops: list[OperatorProcess]) -> OperatorProcess | None:
-    leading = [o for o in ops if "is the leader" in o.log()]
-    return leading[0] if len(leading) == 1 else None
-
-
 def writes_outside_the_lease(audit: Path, identity: str) -> list[str]:
     """Every successful write to a WorkOrder by this operator that the API server made later than
     LEASE_SECONDS after the renewTime of this operator's latest successful lease write before it."""
@@ -368,15 +363,9 @@ def test_a_frozen_api_server_the_old_leader_writes_nothing_after_its_lease_ran_o
     api = config.new_client_from_config(str(plane.kubeconfig))
     namespace = "frozen"
     client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
-    ops = [
-        OperatorProcess(plane.kubeconfig, tmp_path / f"operator-{i}.log", "--all-namespaces",
-                        f"--leader-election-namespace={namespace}")
-        for i in range(2)
-    ]  # fmt: skip
+    ops = replicas(plane.kubeconfig, namespace, tmp_path)
     try:
-        for op in ops:
-            op.start()
-        old = wait_for(lambda: _leader(ops), timeout=60, what="one leader")
+        old = wait_for(lambda: leader_of(ops), timeout=60, what="one leader")
         agent = Agent(api, AGENT_ID)
         names = [f"o-{i}" for i in range(12)]
         for i, name in enumerate(names):
