@@ -11,7 +11,7 @@ from collections.abc import Sequence
 try:
     import kopf
 except ImportError as exc:  # the base install is the SDK and CLI only: say what to install, not a traceback
-    sys.exit(f"workorder-operator needs the operator's dependencies: pip install 'workorder-operator[operator]' ({exc})")
+    sys.exit(f"workorder-operator needs its dependencies: pip install 'workorder-operator[operator]' ({exc})")
 
 from workorder_operator import handlers
 from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildAgentConfig
