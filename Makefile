@@ -6,7 +6,7 @@ CACHE   ?= $(HOME)/.cache/workorder-operator
 PYTHON  ?= python3
 # The virtualenv lives outside the repository, one per clone and dependency list: its editable
 # install points at this clone, so two clones (or worktrees) never test each other's code.
-VENV    := $(CACHE)/venv-$(shell cat pyproject.toml | sha256sum | cut -c1-8)-$(shell echo "$(CURDIR)" | sha256sum | cut -c1-8)
+VENV    := $(CACHE)/venv-$(shell cat pyproject.toml tools/devcluster/pyproject.toml | sha256sum | cut -c1-8)-$(shell echo "$(CURDIR)" | sha256sum | cut -c1-8)
 BIN     := $(VENV)/bin
 LOCAL   := $(CURDIR)/.local
 KUBECONFIG_LOCAL := $(LOCAL)/kubeconfig
@@ -21,11 +21,13 @@ export WORKORDER_CACHE := $(CACHE)
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
-$(VENV)/.done: pyproject.toml
+# The product with its dev extra, and the dev tooling (devcluster: the local control plane) that
+# is its own distribution and never part of the product's wheel.
+$(VENV)/.done: pyproject.toml tools/devcluster/pyproject.toml
 	@echo ">> creating virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e tools/devcluster
 	touch $@
 
 venv: $(VENV)/.done ## create this clone's virtualenv (once per dependency set) and print where it is
@@ -37,10 +39,11 @@ venv: $(VENV)/.done ## create this clone's virtualenv (once per dependency set) 
 binaries: ## build etcd, kube-apiserver and kube-controller-manager into the cache (once)
 	@tools/build-controlplane.sh
 
-lint: venv ## ruff and mypy (strict on the package)
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+lint: venv ## ruff, mypy (strict on the package) and the layer contracts (import-linter)
+	$(BIN)/ruff check operator tests bench tools/devcluster
+	$(BIN)/ruff format --check operator tests bench tools/devcluster
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: venv ## only the fast unit tests (no cluster)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -49,18 +52,18 @@ test: venv binaries lint ## the whole suite: set-up, lint, unit and integration 
 	PATH=$(BIN):$$PATH $(BIN)/pytest $(PYTEST_ARGS)
 
 cluster-up: venv binaries ## start the local control plane in the background (idempotent); kubeconfig in .local/kubeconfig
-	@$(BIN)/python -m workorder_operator.envtest up $(LOCAL)
+	@$(BIN)/python -m devcluster.envtest up $(LOCAL)
 
 cluster-down: venv ## stop the local control plane
-	@$(BIN)/python -m workorder_operator.envtest down $(LOCAL)
+	@$(BIN)/python -m devcluster.envtest down $(LOCAL)
 
 ifeq ($(CLUSTER),local)
 run: cluster-up ## run the operator in the foreground (CLUSTER=current: the current kubeconfig context)
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(BIN)/python -m workorder_operator.envtest crds
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(BIN)/python -m devcluster.envtest crds --crds crds
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(BIN)/workorder-operator --all-namespaces
 else
 run: venv
-	$(BIN)/python -m workorder_operator.envtest crds --no-shipwright
+	$(BIN)/python -m devcluster.envtest crds --crds crds --no-shipwright
 	$(BIN)/workorder-operator --all-namespaces
 endif
 

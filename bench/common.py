@@ -34,9 +34,10 @@ import matplotlib
 from kubernetes import client, watch
 from prometheus_client.parser import text_string_to_metric_families
 
-from workorder_operator import envtest, lifecycle
+from devcluster import envtest
+from workorder_operator import lifecycle
 from workorder_operator.kube import Conflict, WorkOrders, api_client
-from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
+from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, order_body, utcnow
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -126,7 +127,7 @@ def control_plane(name: str) -> Iterator[Cluster]:
         started = time.monotonic()
         plane.start()
         api = api_client(str(plane.kubeconfig), pool=64)
-        envtest.install_crds(api, envtest.workorder_crds())
+        envtest.install_crds(api, envtest.workorder_crds(REPO / "crds"))
         log(f"control plane ready in {time.monotonic() - started:.1f}s ({directory})")
         yield Cluster(plane, directory, api)
     finally:
@@ -323,21 +324,13 @@ def log(message: str) -> None:
 # --- orders -------------------------------------------------------------------------------------
 
 
-def order_body(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "WorkOrder",
-        "metadata": {"name": name},
-        "spec": {"workType": WORK_TYPE, "yamlContent": "x: 1\n", **spec},
-    }
+def bench_order(name: str, **spec: Any) -> dict[str, Any]:
+    return order_body(name, **{"workType": WORK_TYPE, "yamlContent": "x: 1\n", **spec})
 
 
 def create_order(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> WorkOrder:
     """Create an order; the answer already reads Pending (CRD defaults)."""
-    body = client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, order_body(name, **spec)
-    )
-    return WorkOrder.from_body(body)
+    return WorkOrder.from_body(WorkOrders(api, "bench").create(bench_order(name, **spec), namespace))
 
 
 def cas(orders: WorkOrders, order: WorkOrder, make: Callable[[WorkOrder], lifecycle.StatusWrite]) -> WorkOrder:

@@ -11,7 +11,7 @@ trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 table() { kubectl get wo -n "$ns" -o wide 2>/dev/null | sed 's/^/   /'; }
 
-python -m workorder_operator.envtest crds >/dev/null
+python -m devcluster.envtest crds --crds crds >/dev/null
 kubectl delete namespace "$ns" --ignore-not-found --wait=true >/dev/null
 kubectl create namespace "$ns" >/dev/null
 

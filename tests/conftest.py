@@ -20,8 +20,8 @@ from types import FrameType
 import pytest
 from kubernetes import client, config
 
-from tests.support import OperatorProcess
-from workorder_operator import envtest
+from devcluster import envtest
+from tests.support import CRDS, OperatorProcess
 
 
 @dataclass
@@ -53,7 +53,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         kubeconfig = plane.kubeconfig
     try:
         api = config.new_client_from_config(str(kubeconfig))
-        envtest.install_crds(api, envtest.workorder_crds() + envtest.shipwright_crds())
+        envtest.install_crds(api, envtest.workorder_crds(CRDS) + envtest.shipwright_crds())
         yield Cluster(kubeconfig, api, plane)
     finally:
         if plane is not None:

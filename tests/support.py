@@ -20,11 +20,20 @@ from kubernetes import client
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent as SdkAgent
 from workorder_operator.agent import Claim
+from workorder_operator.errors import WorkOrderError
 from workorder_operator.kube import WorkOrders
-from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
+from workorder_operator.model import WorkOrder, order_body, utcnow
 from workorder_operator.targeting import AgentIdentity
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[1]
+# The WorkOrder CRDs the local control plane installs (devcluster takes the directory).
+CRDS = REPO / "crds"
+
+# A refusal, whether the call went straight to the client or through the adapter (which raises
+# the error tree, with the API's status and body kept).
+API_ERRORS = (client.ApiException, WorkOrderError)
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
@@ -72,7 +81,7 @@ def refused_by(call: Callable[[], Any], policy: str, *words: str) -> str:
     """`call` must be refused by the named admission policy (403/422); returns the message."""
     try:
         call()
-    except client.ApiException as exc:
+    except API_ERRORS as exc:
         assert exc.status in (403, 422), exc
         message = str(json.loads(exc.body)["message"])
         assert policy in message, message
@@ -95,16 +104,8 @@ def bind_rules(api: client.ApiClient, namespace: str, user: str, rules: list[dic
 
 
 def create_order(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "WorkOrder",
-        "metadata": {"name": name},
-        "spec": {"workType": "test", "yamlContent": "echo: hello\n", **spec},
-    }
-    result: dict[str, Any] = client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, body
-    )
-    return result
+    body = order_body(name, **{"workType": "test", "yamlContent": "echo: hello\n", **spec})
+    return WorkOrders(api, "test").create(body, namespace)
 
 
 class Agent:
@@ -137,8 +138,17 @@ class Agent:
 class OperatorProcess:
     """The real `workorder-operator` as a child process; always stopped by the fixture."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, *args: str, identity: str | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        *args: str,
+        identity: str | None = None,
+        command: tuple[str, ...] = ("-m", "workorder_operator.main"),
+    ) -> None:
         self.kubeconfig = kubeconfig
+        # What the Python interpreter runs: the operator's module, or a script that embeds it.
+        self.command = command
         self.log_path = log_path
         self.args = args
         # The leader-election identity survives restarts, as a pod's name does.
@@ -150,7 +160,7 @@ class OperatorProcess:
         seen = self.log_path.read_bytes().count(b"workorder engine started") if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workorder_operator.main", "--kubeconfig", str(self.kubeconfig), *self.args],
+            [sys.executable, *self.command, "--kubeconfig", str(self.kubeconfig), *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver and kube-controller-manager from Go modules into a version-keyed
 # cache outside the repository, once. Skips what KUBEBUILDER_ASSETS or the cache already has.
-# Versions must match K8S_VERSION / ETCD_VERSION in operator/workorder_operator/envtest.py.
+# Versions must match K8S_VERSION / ETCD_VERSION in tools/devcluster/devcluster/envtest.py.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${WORKORDER_CACHE:-$HOME/.cache/workorder-operator}

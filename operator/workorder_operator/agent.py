@@ -29,14 +29,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import urllib3
-from kubernetes import client, watch
-from kubernetes.client.exceptions import ApiException
-
 from workorder_operator import lifecycle
-from workorder_operator.kube import Conflict, NotFound, WorkOrders, explain, timeout
+from workorder_operator.errors import Conflict, Failure, NotFound, Transient, WorkOrderError
+from workorder_operator.kube import ApiClient, OrderWatch, WorkOrders, api_error, whoami
 from workorder_operator.lifecycle import StatusWrite, TransitionError
-from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
+from workorder_operator.model import Phase, WorkOrder, utcnow
 from workorder_operator.targeting import AgentIdentity, admits
 
 log = logging.getLogger(__name__)
@@ -47,16 +44,11 @@ CLAIM_WINDOW_MAX = 32
 LOST_RACES_PER_ROUND = 2
 
 
-class ClaimLost(Exception):
+__all__ = ["Agent", "Claim", "ClaimLost", "Failure"]
+
+
+class ClaimLost(Conflict):
     """The claim this handle holds is gone (expired and re-claimed, released, finished, deleted)."""
-
-
-class Failure(Exception):
-    """Raise from a `run` handler to fail the attempt; `retryable=False` makes the order Failed at once."""
-
-    def __init__(self, error: str, *, retryable: bool = True) -> None:
-        super().__init__(error)
-        self.retryable = retryable
 
 
 def readable(bodies: list[dict[str, Any]]) -> list[WorkOrder]:
@@ -70,13 +62,6 @@ def readable(bodies: list[dict[str, Any]]) -> list[WorkOrder]:
             meta = body.get("metadata", {})
             log.warning("workorder %s/%s: unreadable (%s); skipping it", meta.get("namespace"), meta.get("name"), exc)
     return orders
-
-
-def _transient(exc: Exception) -> bool:
-    """An error that may go away by itself: the API server is unreachable, overloaded or restarting."""
-    if isinstance(exc, ApiException):
-        return exc.status in (429, 500, 502, 503, 504) or exc.status is None or exc.status == 0
-    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
 
 
 def order_sort_key(order: WorkOrder) -> tuple[int, Any, str]:
@@ -142,8 +127,8 @@ class Claim:
                     continue
                 except NotFound as exc:
                     raise self._lose(f"{self.order.key}: {what} failed: the order was deleted") from exc
-                except Exception as exc:
-                    if not _transient(exc) or time.monotonic() + pause > give_up:
+                except Transient as exc:
+                    if time.monotonic() + pause > give_up:
                         raise
                     log.warning("%s: %s failed (%s); trying again in %.1fs", self.order.key, what, exc, pause,
                                 extra=self.order.logref)  # fmt: skip
@@ -218,7 +203,7 @@ class Agent:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: ApiClient,
         id: str | None = None,
         *,
         work_types: Sequence[str] = (),
@@ -246,9 +231,10 @@ class Agent:
         each claim, so the admission policy lets only this identity act on it."""
         if self._user is None:
             try:
-                review = client.AuthenticationV1Api(self.api).create_self_subject_review({}, _request_timeout=timeout())
-                self._user = str(review.status.user_info.username)
-            except (ApiException, AttributeError) as exc:
+                self._user = whoami(self.api)
+            except WorkOrderError as exc:
+                if isinstance(exc, Transient) and exc.status is None:
+                    raise  # no answer at all: ask again next time
                 log.warning("cannot tell this agent's Kubernetes username (%s); claims will not record it", exc)
                 self._user = ""
         return self._user or None
@@ -282,11 +268,9 @@ class Agent:
         """Claim this order; None if another agent was faster (that is normal)."""
         try:
             body = self.orders.write_status(order, lifecycle.claim(order, self.identity, utcnow(), self.user))
-        except (Conflict, TransitionError, NotFound):
+        except (Conflict, NotFound):  # another agent was faster, or the order is gone
             return None
-        except Exception as exc:
-            if not _transient(exc):
-                raise
+        except Transient:
             # The reply is lost, not necessarily the write: if the order now holds exactly the
             # claim we asked for, it is ours; left alone it would stay orphaned for a whole timeout.
             adopted = self._adopt(order)
@@ -436,11 +420,12 @@ class Agent:
         except Failure as exc:
             self._fail(claim, str(exc), exc.retryable)
             return
-        except ApiException as exc:
-            self._fail(claim, f"API error {exc.status}: {explain(exc)}", True)
-            return
         except Exception as exc:
-            self._fail(claim, f"{type(exc).__name__}: {exc}", True)
+            mapped = api_error(exc)
+            if mapped is not None and mapped.status is not None:
+                self._fail(claim, f"API error {mapped.status}: {mapped}", True)
+            else:
+                self._fail(claim, f"{type(exc).__name__}: {exc}", True)
             return
         if claim.done:  # the handler finished the claim itself
             return
@@ -482,7 +467,7 @@ class PendingOrders:
         self._lock = threading.Lock()
         self.changed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="workorder-watch", daemon=True)
-        self._watch: watch.Watch | None = None
+        self._watch: OrderWatch | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -521,43 +506,31 @@ class PendingOrders:
         with self._lock:
             self._orders = {o.key: o for o in readable(bodies)}
         self.changed.set()
-        objects = client.CustomObjectsApi(self.agent.api)
-        args: tuple[Any, ...] = (
-            (GROUP, VERSION, self.agent.namespace, PLURAL) if self.agent.namespace else (GROUP, VERSION, PLURAL)
-        )
-        lister = objects.list_namespaced_custom_object if self.agent.namespace else objects.list_cluster_custom_object
         while not self._stop.is_set():
-            self._watch = watch.Watch()
-            try:
-                for event in self._watch.stream(
-                    lister, *args, field_selector=self.agent._selector(), resource_version=version,
-                    timeout_seconds=300, allow_watch_bookmarks=True,
-                ):  # fmt: skip
-                    body = event["object"]
-                    if event["type"] == "ERROR":
-                        raise ApiException(status=body.get("code"), reason=body.get("message"))
-                    version = body["metadata"]["resourceVersion"]
-                    if event["type"] == "BOOKMARK":
-                        continue
-                    if event["type"] == "DELETED":  # left Pending (the field selector): no need to parse it
-                        meta = body["metadata"]
-                        with self._lock:
-                            self._orders.pop(f"{meta.get('namespace', '')}/{meta['name']}", None)
-                        self.changed.set()
-                        continue
-                    parsed = readable([body])
-                    if not parsed:
-                        continue
-                    order = parsed[0]
+            self._watch = self.agent.orders.watch(
+                self.agent.namespace, field_selector=self.agent._selector(), resource_version=version
+            )
+            for kind, body in self._watch:
+                version = body["metadata"]["resourceVersion"]
+                if kind == "BOOKMARK":
+                    continue
+                if kind == "DELETED":  # left Pending (the field selector): no need to parse it
+                    meta = body["metadata"]
                     with self._lock:
-                        if order.status.phase != Phase.PENDING:
-                            self._orders.pop(order.key, None)
-                        else:
-                            self._orders[order.key] = order
+                        self._orders.pop(f"{meta.get('namespace', '')}/{meta['name']}", None)
                     self.changed.set()
-                    if self._stop.is_set():
-                        return
-            except ApiException as exc:
-                if exc.status == 410:  # our resourceVersion is too old: list again
+                    continue
+                parsed = readable([body])
+                if not parsed:
+                    continue
+                order = parsed[0]
+                with self._lock:
+                    if order.status.phase != Phase.PENDING:
+                        self._orders.pop(order.key, None)
+                    else:
+                        self._orders[order.key] = order
+                self.changed.set()
+                if self._stop.is_set():
                     return
-                raise
+            if self._watch.gone:  # our resourceVersion is too old: list again
+                return

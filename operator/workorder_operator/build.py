@@ -20,6 +20,8 @@ import yaml
 from yaml.events import AliasEvent, DocumentStartEvent
 from yaml.nodes import Node, ScalarNode
 
+from workorder_operator.errors import Refused
+
 SHIPWRIGHT_API_VERSION = "shipwright.io/v1beta1"
 BUILD_KIND = "Build"
 MAX_DOCUMENTS = 50
@@ -32,7 +34,7 @@ _LABEL_RE = re.compile(_LABEL)
 _HASH_LENGTH = 8
 
 
-class ContentError(ValueError):
+class ContentError(Refused, ValueError):
     """yamlContent cannot run; the message names the document and the problem."""
 
 

@@ -1,9 +1,11 @@
-"""The operator's built-in agent for `build` orders: it runs the Shipwright Builds in yamlContent.
+"""The first executor (executor.py): `build` orders, run as Shipwright Builds.
 
-It is an ordinary SDK agent (its own id, labels and annotations, so targeting decides whether it or
-an external agent takes a given order), whose handler does one attempt:
+It runs inside an `executor.ExecutorAgent` (an ordinary SDK agent with its own id, labels and
+annotations, so targeting decides whether it or an external agent takes a given order); one
+attempt is:
 
-1. parse yamlContent (`build.parse_content`): content that cannot run fails the order for good;
+1. parse yamlContent (`build.parse_content`): content that cannot run fails the order for good
+   (and is found at initialise already: `check`);
 2. create the Builds in the order's namespace, owned by the order (a Build of that name that the
    order did not create fails the order for good: `BuildNameTaken`, nothing is changed on it);
 3. wait for the Build to be registered ("False" fails for good with Shipwright's reason);
@@ -13,28 +15,25 @@ an external agent takes a given order), whose handler does one attempt:
    per `build.RETRYABLE_REASONS`).
 
 The claim is renewed throughout; if it is lost (expired and re-claimed, or the order deleted) the
-BuildRun is cancelled. While the cluster has no Shipwright API, build orders are not claimed: each
-gets a Warning event and a condition saying so, and they run once Shipwright is installed.
+BuildRun is cancelled (`cancel`). While the cluster has no Shipwright API, build orders are not
+claimed (`waiting`): each gets a Warning event and a condition saying so, and they run once
+Shipwright is installed.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
 
-import urllib3
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
-from workorder_operator import build, lifecycle, metrics
-from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
-from workorder_operator.kube import Conflict, NotFound, explain, post_event
-from workorder_operator.model import WorkOrder, utcnow
+from workorder_operator import build, metrics
+from workorder_operator.agent import Claim
+from workorder_operator.errors import Conflict, Failure, NotFound, Refused
+from workorder_operator.executor import AgentConfig, Interrupted, Waiting
+from workorder_operator.kube import ApiClient
+from workorder_operator.model import WorkOrder
 from workorder_operator.shipwright import BUILDRUNS, BUILDS, NotOurs, Shipwright
-from workorder_operator.targeting import admits
 
 log = logging.getLogger(__name__)
 
@@ -51,127 +50,50 @@ WAITING_MESSAGE = (
 )
 
 
-@dataclass
-class BuildAgentConfig:
-    id: str = DEFAULT_AGENT_ID
-    labels: Sequence[str] = ("shipwright",)
-    annotations: dict[str, str] = field(default_factory=dict)
-    concurrency: int = 4
-    # The namespaces the operator watches (empty: all): the build agent claims only there.
-    namespaces: tuple[str, ...] = ()
-    # Without a running Shipwright controller nothing registers a Build: do not hold a claim forever.
-    registration_timeout: float = 300.0
-    # How often to look again for the Shipwright API while it is missing.
-    discovery_interval: float = 5.0
+def build_agent_config(**overrides: Any) -> AgentConfig:
+    """The build executor's agent: a stable id and the `shipwright` label unless told otherwise."""
+    settings: dict[str, Any] = {"id": DEFAULT_AGENT_ID, "labels": ("shipwright",), **overrides}
+    return AgentConfig(**settings)
 
 
-class BuildAgent:
-    def __init__(self, api: client.ApiClient, config: BuildAgentConfig, field_manager: str) -> None:
-        self.api = api
-        self.config = config
-        # One SDK agent per watched namespace (one for all when the operator watches all).
-        self.agents = [
-            Agent(api, config.id, work_types=[BUILD_TYPE], labels=config.labels, annotations=config.annotations,
-                  namespace=namespace)
-            for namespace in config.namespaces or (None,)
-        ]  # fmt: skip
-        self.agent = self.agents[0]
+class BuildExecutor:
+    """`build` orders through Shipwright (the `Executor` protocol)."""
+
+    work_type = BUILD_TYPE
+
+    def __init__(self, api: ApiClient, field_manager: str, *, registration_timeout: float = 300.0) -> None:
         self.shipwright = Shipwright(api, field_manager)
-        self.stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Without a running Shipwright controller nothing registers a Build: do not hold a claim forever.
+        self.registration_timeout = registration_timeout
 
-    # --- the operator's hooks -------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start taking build orders (again, after a `close`: each leadership term starts it)."""
-        self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="build-agent", daemon=True)
-        self._thread.start()
-
-    def close(self, timeout: float = 15.0) -> None:
-        self.stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def rejection(self, order: WorkOrder) -> str | None:
-        """For the engine's initialise step: why a build order this agent would take cannot run."""
-        if order.spec.work_type != BUILD_TYPE or not admits(order.spec.targeting, self.agent.identity):
-            return None
+    def check(self, order: WorkOrder) -> str | None:
         try:
             build.parse_content(order.spec.yaml_content, order.namespace)
         except build.ContentError as exc:
             return str(exc)
         return None
 
-    # --- the loop -------------------------------------------------------------------------------
+    def waiting(self) -> Waiting | None:
+        return None if self.shipwright.installed() else Waiting(WAITING_REASON, WAITING_MESSAGE)
 
-    def _main(self) -> None:
-        while not self.stop.is_set():
-            try:
-                if self.shipwright.installed():
-                    log.info("build agent %s taking build orders", self.agent.id)
-                    self._run_agents()
-                    return
-                self._mark_waiting()
-            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:  # the API server is away
-                log.warning("build agent: %s; starting again in %.0fs", exc, self.config.discovery_interval)
-            except Exception:  # a bug: never let the build agent die with the operator still running
-                log.exception("build agent loop failed; starting again")
-            self.stop.wait(self.config.discovery_interval)
-
-    def _run_agents(self) -> None:
-        def run(agent: Agent) -> None:
-            agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True)
-
-        threads = [
-            threading.Thread(target=run, args=(a,), name=f"build-agent-{a.namespace}", daemon=True)
-            for a in self.agents[1:]
-        ]
-        for thread in threads:
-            thread.start()
+    def run(self, claim: Claim, stopped: Callable[[], bool]) -> str:
         try:
-            run(self.agent)
-        finally:
-            self.stop.set()
-            for thread in threads:
-                thread.join()
-
-    def _mark_waiting(self) -> None:
-        """Say on each waiting build order, once, why nothing happens to it."""
-        for order in (o for agent in self.agents for o in agent.candidates()):
-            if any(c.get("reason") == WAITING_REASON for c in order.raw_status.get("conditions", [])):
-                continue
-            try:
-                self.agent.orders.write_status(
-                    order, lifecycle.waiting(order, WAITING_REASON, WAITING_MESSAGE, utcnow())
-                )
-            except (Conflict, NotFound, lifecycle.TransitionError):
-                continue  # claimed or changed meanwhile: the next round looks again
-            post_event(self.api, order, "Warning", WAITING_REASON, WAITING_MESSAGE)
-
-    # --- one attempt ----------------------------------------------------------------------------
-
-    def execute(self, claim: Claim) -> str:
-        try:
-            result = self._attempt(claim)
+            result = self._attempt(claim, stopped)
         except Failure as exc:
             metrics.BUILD_OUTCOMES.labels("retryable-failure" if exc.retryable else "failure").inc()
             raise
-        except _Interrupted:
-            if claim.lost.is_set():
-                name = build.buildrun_name(claim.order.name, claim.attempt)
-                log.warning("%s: claim lost; cancelling BuildRun %s", claim.order.key, name, extra=claim.order.logref)
-                self.shipwright.cancel_buildrun(claim.order, claim.attempt, name)
-                metrics.BUILD_OUTCOMES.labels("claim-lost").inc()
-                raise ClaimLost(f"{claim.order.key}: claim lost during attempt {claim.attempt}") from None
-            # The operator is stopping: leave claim and BuildRun be; the next operator resumes watching.
-            claim.detach()
-            return ""
         metrics.BUILD_OUTCOMES.labels("success").inc()
         return result
 
-    def _attempt(self, claim: Claim) -> str:
+    def cancel(self, claim: Claim) -> None:
+        name = build.buildrun_name(claim.order.name, claim.attempt)
+        log.warning("%s: claim lost; cancelling BuildRun %s", claim.order.key, name, extra=claim.order.logref)
+        self.shipwright.cancel_buildrun(claim.order, claim.attempt, name)
+        metrics.BUILD_OUTCOMES.labels("claim-lost").inc()
+
+    # --- one attempt ----------------------------------------------------------------------------
+
+    def _attempt(self, claim: Claim, stopped: Callable[[], bool]) -> str:
         order = claim.order
         try:
             plan = build.parse_content(order.spec.yaml_content, order.namespace)
@@ -182,13 +104,12 @@ class BuildAgent:
                 self.shipwright.apply_build(order, doc)
             except NotOurs as exc:
                 raise Failure(f"{BUILD_NAME_TAKEN}: {exc}", retryable=False) from None
-            except ApiException as exc:
-                if exc.status in (429, 500, 502, 503, 504) and "typed" not in (exc.body or ""):
-                    raise  # the API server is busy or away: a retryable failure
+            except (Refused, NotFound, Conflict) as exc:
                 # Refused for what it is (invalid for the Build schema, forbidden...): no retry helps.
-                raise Failure(f"Build {doc['metadata']['name']!r} refused by the API server: {explain(exc)}",
+                # (Transient errors pass: the API server is busy or away, a retryable failure.)
+                raise Failure(f"Build {doc['metadata']['name']!r} refused by the API server: {exc}",
                               retryable=False) from None  # fmt: skip
-        self._wait_registered(claim, plan.run)
+        self._wait_registered(claim, plan.run, stopped)
         name = build.buildrun_name(order.name, claim.attempt)
         try:
             self.shipwright.ensure_buildrun(order, claim.attempt, name, plan.run)
@@ -200,10 +121,10 @@ class BuildAgent:
         )
         finished = self.shipwright.wait_for(
             BUILDRUNS, order.namespace, name, lambda br: build.buildrun_outcome(br).finished,
-            lambda: self._interrupted(claim),
+            stopped,
         )  # fmt: skip
-        if self._interrupted(claim):
-            raise _Interrupted()
+        if stopped():
+            raise Interrupted()
         if finished is None:
             raise Failure(f"BuildRun {name} was deleted before it finished", retryable=True)
         outcome = build.buildrun_outcome(finished)
@@ -211,21 +132,21 @@ class BuildAgent:
             return outcome.result
         raise Failure(f"BuildRun {name}: {outcome.error}", retryable=outcome.retryable)
 
-    def _wait_registered(self, claim: Claim, build_name: str) -> None:
+    def _wait_registered(self, claim: Claim, build_name: str, stopped: Callable[[], bool]) -> None:
         namespace = claim.order.namespace
         if self.shipwright.get(BUILDS, namespace, build_name) is None:
             raise Failure(f"Build {build_name!r} not found in namespace {namespace!r}", retryable=False)
-        deadline = time.monotonic() + self.config.registration_timeout
+        deadline = time.monotonic() + self.registration_timeout
         registered = self.shipwright.wait_for(
             BUILDS, namespace, build_name, lambda b: build.registration(b)[0] is not None,
-            lambda: self._interrupted(claim) or time.monotonic() > deadline,
+            lambda: stopped() or time.monotonic() > deadline,
         )  # fmt: skip
         if registered is None:
-            if self._interrupted(claim):
-                raise _Interrupted()
+            if stopped():
+                raise Interrupted()
             if time.monotonic() > deadline:
                 raise Failure(
-                    f"Build {build_name!r} not registered within {self.config.registration_timeout:g}s: "
+                    f"Build {build_name!r} not registered within {self.registration_timeout:g}s: "
                     "is the Shipwright controller running?",
                     retryable=True,
                 )
@@ -233,10 +154,3 @@ class BuildAgent:
         ok, why = build.registration(registered)
         if not ok:
             raise Failure(f"Build {build_name!r} is not valid: {why}", retryable=False)
-
-    def _interrupted(self, claim: Claim) -> bool:
-        return claim.lost.is_set() or self.stop.is_set()
-
-
-class _Interrupted(Exception):
-    """The claim was lost or the operator is stopping: `execute` decides what that means."""

@@ -24,16 +24,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-import urllib3
 import yaml
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 
 from workorder_operator import __version__, lifecycle
 from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
-from workorder_operator.kube import NotFound, WorkOrders, api_client
-from workorder_operator.kube import explain as api_message
-from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
+from workorder_operator.errors import Conflict, NotFound, Transient, WorkOrderError
+from workorder_operator.kube import KubeconfigError, WorkOrders, api_client, api_error, kubeconfig_namespace
+from workorder_operator.model import PLURAL, Phase, WorkOrder, order_body, utcnow
 from workorder_operator.seed import seed_view
 
 EXIT_CODES = {
@@ -52,7 +49,7 @@ EX_TEMPFAIL = 75
 OUTPUT_TAIL = 4096
 
 
-class CliError(Exception):
+class CliError(WorkOrderError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.code = EXIT_CODES[kind]
@@ -94,7 +91,7 @@ class Session:
         self.args = args
         try:
             self.api = api_client(args.kubeconfig, args.context)
-        except (config.ConfigException, OSError) as exc:
+        except (KubeconfigError, OSError) as exc:
             raise CliError("unreachable", f"no usable kubeconfig ({exc}); pass --kubeconfig or set KUBECONFIG") from exc
         self.orders = WorkOrders(self.api, "kubectl-workorder")
 
@@ -102,65 +99,50 @@ class Session:
     def namespace(self) -> str:
         if self.args.namespace:
             return str(self.args.namespace)
-        try:
-            _, active = config.list_kube_config_contexts(config_file=self.args.kubeconfig)
-            if self.args.context:
-                contexts, _ = config.list_kube_config_contexts(config_file=self.args.kubeconfig)
-                active = next(c for c in contexts if c["name"] == self.args.context)
-            return str(active["context"].get("namespace") or "default")
-        except (config.ConfigException, OSError, StopIteration, TypeError, KeyError):
-            return "default"
+        return kubeconfig_namespace(self.args.kubeconfig, self.args.context)
 
     def read(self, name: str) -> WorkOrder:
         return WorkOrder.from_body(self.orders.get(self.namespace, name))
 
 
 def explain(exc: BaseException, session: Session | None) -> CliError:
-    """Turn an exception into one actionable line."""
+    """Turn an exception into one actionable line (API answers through the one mapping, `api_error`)."""
     if isinstance(exc, CliError):
         return exc
-    if isinstance(exc, NotFound):
-        return CliError("not-found", f"{exc}; check the name and namespace (-n)")
     if isinstance(exc, ClaimLost):
         return CliError("claim-lost", str(exc))
-    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+    error = api_error(exc)
+    if error is None:
+        return CliError("error", f"{exc.__class__.__name__}: {exc}")
+    if isinstance(error, Transient) and error.status is None:
         host = session.api.configuration.host if session else "the cluster"
+        cause = error.__cause__ or exc
         return CliError(
             "unreachable",
-            f"cannot reach {host}: {exc.__class__.__name__}; is the cluster up? check --kubeconfig/--context",
+            f"cannot reach {host}: {cause.__class__.__name__}; is the cluster up? check --kubeconfig/--context",
         )
-    if isinstance(exc, ApiException):
-        message = api_message(exc)
-        if exc.status == 404:
-            kind = _details(exc).get("kind")
-            if kind == "namespaces":
-                ns = _details(exc).get("name")
-                return CliError(
-                    "no-namespace",
-                    f"namespace {ns!r} does not exist; create it (kubectl create namespace {ns}) or pass another -n",
-                )
-            if kind == PLURAL:
-                return CliError("not-found", f"{message}; check the name and namespace (-n)")
-        if exc.status == 403:
-            return CliError("forbidden", f"forbidden: {message}; ask for the workorder-agent/workorder-edit role")
-        if exc.status == 404:
+    if isinstance(error, NotFound):
+        kind = error.details.get("kind")
+        if kind == "namespaces":
+            ns = error.details.get("name")
             return CliError(
-                "no-crd",
-                "the WorkOrder API (workorders.workorder.dev) is not installed in this cluster; "
-                "install it with: kubectl apply --server-side -f crds/",
+                "no-namespace",
+                f"namespace {ns!r} does not exist; create it (kubectl create namespace {ns}) or pass another -n",
             )
-        if exc.status == 401:
-            return CliError("forbidden", f"unauthorized: {message}; your credentials were refused")
-        return CliError("error", f"the API server refused: {message}")
-    return CliError("error", f"{exc.__class__.__name__}: {exc}")
-
-
-def _details(exc: ApiException) -> dict[str, Any]:
-    try:
-        details = json.loads(exc.body or "{}").get("details")
-    except (ValueError, AttributeError):
-        return {}
-    return details if isinstance(details, dict) else {}
+        if kind == PLURAL or error is exc:  # the adapter's own: the order is not there
+            return CliError("not-found", f"{error}; check the name and namespace (-n)")
+        return CliError(
+            "no-crd",
+            "the WorkOrder API (workorders.workorder.dev) is not installed in this cluster; "
+            "install it with: kubectl apply --server-side -f crds/",
+        )
+    if error.status == 403:
+        return CliError("forbidden", f"forbidden: {error}; ask for the workorder-agent/workorder-edit role")
+    if error.status == 401:
+        return CliError("forbidden", f"unauthorized: {error}; your credentials were refused")
+    if error.status is None or isinstance(error, Conflict):  # decided by us, or a lost race
+        return CliError("error", f"{exc.__class__.__name__}: {exc}")
+    return CliError("error", f"the API server refused: {error}")
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -258,9 +240,8 @@ def cmd_create(s: Session, args: argparse.Namespace) -> int:
         targeting["annotations"] = dict(_key_value(a) for a in args.target_annotation)
     if targeting:
         spec["targeting"] = targeting
-    metadata = {"name": args.name} if args.name else {"generateName": f"{args.type}-"}
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkOrder", "metadata": metadata, "spec": spec}
-    created = client.CustomObjectsApi(s.api).create_namespaced_custom_object(GROUP, VERSION, s.namespace, PLURAL, body)
+    body = order_body(args.name, generate_name=None if args.name else f"{args.type}-", **spec)
+    created = s.orders.create(body, s.namespace)
     if args.output:
         emit([created], args, single=True)
     else:

@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from workorder_operator import lifecycle, metrics
-from workorder_operator.kube import OPERATOR_MANAGER, Conflict, NotFound, WorkOrders
+from workorder_operator.errors import Conflict, NotFound
+from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders
 from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
 from workorder_operator.model import Phase, Status, WorkOrder, utcnow
 from workorder_operator.scheduler import DeadlineScheduler
@@ -45,6 +46,18 @@ EVENT_BURST = 50.0
 
 # (order, type, reason, message) -> posted as a Kubernetes Event on the order (blocking I/O).
 EventSink = Callable[[WorkOrder, str, str, str], None]
+
+
+class ContentChecks(Protocol):
+    """What the engine asks of the executors registry (`executor.Executors`)."""
+
+    def runs(self, work_type: str) -> bool:
+        """Whether the operator itself runs orders of this work type."""
+        ...
+
+    def check(self, order: WorkOrder) -> str | None:
+        """Why the operator cannot run this order's content (None: it can). May take seconds."""
+        ...
 
 
 @dataclass
@@ -79,14 +92,15 @@ class Engine:
         orders: WorkOrders,
         *,
         post_event: EventSink | None = None,
-        reject: Callable[[WorkOrder], str | None] | None = None,
+        executors: ContentChecks | None = None,
         concurrency: int = 32,
         clock: Callable[[], dt.datetime] = utcnow,
         budget: Callable[[], float | None] | None = None,
         namespaces: Sequence[str] = (),
     ) -> None:
-        """`budget`: seconds left in which a write must be over (the leader's lease), None for no
-        limit. `namespaces`: the ones watched (empty: all), for `resync`."""
+        """`executors`: the work types the operator runs itself, whose content is checked at
+        initialise. `budget`: seconds left in which a write must be over (the leader's lease),
+        None for no limit. `namespaces`: the ones watched (empty: all), for `resync`."""
         self.orders = orders
         self.clock = clock
         self._budget = budget
@@ -103,7 +117,7 @@ class Engine:
         self._event_tokens = EVENT_BURST
         self._event_refilled = time.monotonic()
         # Content the operator itself cannot run: a reason to fail the order at initialisation.
-        self._reject = reject
+        self._executors = executors
         self._tracked: dict[str, _Tracked] = {}
         # Orders whose content is being (or was) checked for rejection, so each is parsed once.
         self._checking: set[str] = set()
@@ -145,7 +159,12 @@ class Engine:
                 born = order.model_copy(update={"status": Status(phase=Phase.PENDING), "raw_status": {}})
                 metrics.record_change(born, order)
         tracked = self._track(order, tracked, tracked.rejection if tracked else None)
-        if self._reject is not None and lifecycle.needs_initialise(order) and uid not in self._checking:
+        if (
+            self._executors is not None
+            and lifecycle.needs_initialise(order)
+            and uid not in self._checking
+            and self._executors.runs(order.spec.work_type)
+        ):
             # Parsing content can take seconds (256 KiB of YAML): never on the event loop.
             self._checking.add(uid)
             asyncio.get_running_loop().run_in_executor(self._content_pool, self._check_content, order)
@@ -153,9 +172,9 @@ class Engine:
 
     def _check_content(self, order: WorkOrder) -> None:
         """In a worker thread: why the operator cannot run this order's content, if it cannot."""
-        assert self._reject is not None
+        assert self._executors is not None
         try:
-            rejection = self._reject(order)
+            rejection = self._executors.check(order)
         except Exception:
             log.exception("%s: content check failed", order.key, extra=order.logref)
             return

@@ -1,10 +1,14 @@
-"""kopf wiring: settings, login, and watch events into the engine. No decisions here."""
+"""kopf wiring: settings, login, and watch events into the engine. No decisions here.
+
+Nothing is a module global: main.py hands the settings (`settings.Settings`) and the executors
+registry (`executor.Executors`) to kopf as its `memo`; the handlers read them from there and keep
+what they start (engine, tasks, metrics server) in the memo's `State`, shared by every copy kopf
+makes of the memo.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -13,51 +17,34 @@ import kopf
 from aiohttp import web
 
 from workorder_operator import metrics
-from workorder_operator.buildagent import BuildAgent, BuildAgentConfig
 from workorder_operator.engine import Engine
+from workorder_operator.executor import Executors
 from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders, api_client, post_event
-from workorder_operator.leader import LeaderElection, LeaseConfig
+from workorder_operator.leader import LeaderElection
 from workorder_operator.model import GROUP, PLURAL, VERSION
+from workorder_operator.settings import Settings
 
 
 @dataclass
-class Options:
-    """What the command line chose (set before kopf starts)."""
+class State:
+    """What the handlers started, for the ones that stop it."""
 
-    kubeconfig: str | None = None
-    context: str | None = None
-    concurrency: int = 32
-    # The namespaces watched (empty: all).
-    namespaces: tuple[str, ...] = ()
-    build_agent: BuildAgentConfig | None = field(default_factory=BuildAgentConfig)
-    metrics_port: int = 0
-    # None: no leader election (a single replica).
-    lease: LeaseConfig | None = None
-    identity: str = field(default_factory=lambda: os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}")
-    # How often every replica lists what exists (metadata only) to forget orders deleted while
-    # its watch was down.
-    resync_seconds: float = 300.0
-
-
-OPTIONS = Options()
-
-
-@dataclass
-class _State:
     engine: Engine | None = None
-    build_agent: BuildAgent | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics: web.AppRunner | None = None
     ready: bool = False
 
 
-STATE = _State()
+def memo(settings: Settings, executors: Executors) -> kopf.Memo:
+    """kopf's memo for `kopf.run(memo=...)`: what every handler receives."""
+    return kopf.Memo(settings=settings, executors=executors, state=State())
 
 
 @kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
+def login(*, memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """Log kopf in with the same credentials as our own client (honours --kubeconfig/--context)."""
-    cfg = api_client(OPTIONS.kubeconfig, OPTIONS.context).configuration
+    settings: Settings = memo.settings
+    cfg = api_client(settings.kubeconfig, settings.context).configuration
     keys: dict[str, str] = cfg.api_key or {}
     scheme, _sep, value = (keys.get("authorization") or keys.get("BearerToken") or "").partition(" ")
     return kopf.ConnectionInfo(
@@ -72,7 +59,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-async def startup(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+async def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
     # Our own marks, not kopf's zalando.org defaults. The engine needs none of them (it uses
     # event handlers only, so kopf keeps no per-object state), but if a future handler makes
     # kopf persist something, it lands under our group.
@@ -97,72 +84,72 @@ async def startup(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: 
     # High availability is a Lease (leader.py), not kopf peering: no peering objects.
     settings.peering.standalone = True
 
+    ours: Settings = memo.settings
+    executors: Executors = memo.executors
+    state: State = memo.state
     # The user agent names the replica, so the API server's audit log tells replicas apart. No
     # silent retries: a leader's write is sent when it decided to send it, or not at all.
-    user_agent = f"{OPERATOR_MANAGER}/{OPTIONS.identity}"
     api = api_client(
-        OPTIONS.kubeconfig, OPTIONS.context, pool=OPTIONS.concurrency, retries=False, user_agent=user_agent
-    )
-    if OPTIONS.build_agent is not None:
-        STATE.build_agent = BuildAgent(
-            api_client(OPTIONS.kubeconfig, OPTIONS.context, user_agent=user_agent), OPTIONS.build_agent,
-            OPERATOR_MANAGER,
-        )  # fmt: skip
-    election = None if OPTIONS.lease is None else LeaderElection(api, OPTIONS.lease, OPTIONS.identity)
+        ours.kubeconfig, ours.context, pool=ours.concurrency, retries=False,
+        user_agent=f"{OPERATOR_MANAGER}/{ours.identity}",
+    )  # fmt: skip
+    election = None if ours.lease is None else LeaderElection(api, ours.lease, ours.identity)
     engine = Engine(
         WorkOrders(api, OPERATOR_MANAGER),
         post_event=partial(post_event, api),
-        reject=STATE.build_agent.rejection if STATE.build_agent else None,
-        concurrency=OPTIONS.concurrency,
+        executors=executors,
+        concurrency=ours.concurrency,
         budget=election.remaining if election is not None else None,
-        namespaces=OPTIONS.namespaces,
+        namespaces=ours.namespaces,
     )
-    STATE.engine = engine
-    STATE.tasks.append(asyncio.create_task(engine.resync_forever(OPTIONS.resync_seconds)))
+    state.engine = engine
+    state.tasks.append(asyncio.create_task(engine.resync_forever(ours.resync_seconds)))
     metrics.track_engine(engine.tracked_orders, lambda: len(engine.scheduler))
-    if OPTIONS.metrics_port:
-        STATE.metrics = await metrics.serve(OPTIONS.metrics_port, lambda: STATE.ready)
+    if ours.metrics_port:
+        state.metrics = await metrics.serve(ours.metrics_port, lambda: state.ready)
     # Every replica watches (its cache stays warm for a fast takeover); only the leader acts.
     if election is None:
-        await _lead()
+        await _lead(state, executors)
     else:
-        STATE.tasks.append(asyncio.create_task(election.run(_lead, _follow)))
-    STATE.ready = True
+        state.tasks.append(asyncio.create_task(election.run(partial(_lead, state, executors),
+                                                            partial(_follow, state, executors))))  # fmt: skip
+    state.ready = True
     logger.info("workorder engine started")
 
 
-async def _lead() -> None:
-    assert STATE.engine is not None
+async def _lead(state: State, executors: Executors) -> None:
+    assert state.engine is not None
     metrics.LEADER.set(1)
-    STATE.engine.lead()
-    if STATE.build_agent is not None:
-        STATE.build_agent.start()
+    state.engine.lead()
+    executors.start()
 
 
-async def _follow() -> None:
+async def _follow(state: State, executors: Executors) -> None:
     metrics.LEADER.set(0)
-    if STATE.engine is not None:
-        await STATE.engine.follow()
-    if STATE.build_agent is not None:
-        await asyncio.to_thread(STATE.build_agent.close)
+    if state.engine is not None:
+        await state.engine.follow()
+    if len(executors):
+        await asyncio.to_thread(executors.close)
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    STATE.ready = False
-    await _follow()
-    for task in STATE.tasks:
+async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
+    state: State = memo.state
+    state.ready = False
+    await _follow(state, memo.executors)
+    for task in state.tasks:
         task.cancel()
-    await asyncio.gather(*STATE.tasks, return_exceptions=True)
-    STATE.tasks.clear()
-    if STATE.engine is not None:
-        STATE.engine.close()
-    if STATE.metrics is not None:
-        await STATE.metrics.cleanup()
+    await asyncio.gather(*state.tasks, return_exceptions=True)
+    state.tasks.clear()
+    if state.engine is not None:
+        state.engine.close()
+    if state.metrics is not None:
+        await state.metrics.cleanup()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def workorder_event(*, event: kopf.RawEvent, **_: Any) -> None:
+async def workorder_event(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     # async on purpose: kopf runs sync handlers in a thread pool, a hop per watch event we do not need.
-    if STATE.engine is not None:
-        STATE.engine.observe(event.get("type"), dict(event["object"]))
+    engine = memo.state.engine
+    if engine is not None:
+        engine.observe(event.get("type"), dict(event["object"]))

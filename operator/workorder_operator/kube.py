@@ -1,20 +1,25 @@
-"""Adapter for the Kubernetes API: WorkOrder reads and compare-and-swap status writes.
+"""The adapter for the WorkOrder API: every WorkOrder call (create, get, list, watch, status
+write, delete) and the one mapping of API answers to the error tree (`api_error`).
 
-Uses the official `kubernetes` client (synchronous; async callers run it in threads).
+Uses the official `kubernetes` client (synchronous; async callers run it in threads). Nothing
+above this module sees an `ApiException`: `WorkOrders` raises `errors.WorkOrderError` kinds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeAlias
 
 import urllib3
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from workorder_operator.errors import Conflict, NotFound, Refused, Transient, WorkOrderError
 from workorder_operator.lifecycle import StatusWrite
 from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, format_time, utcnow
 
@@ -33,6 +38,8 @@ WATCH_GRACE = 30.0
 WATCH_READ_TIMEOUT = 1800.0 + WATCH_GRACE
 
 Timeout = tuple[float, float]
+# The client type callers hand in (they need not import `kubernetes` for it).
+ApiClient: TypeAlias = client.ApiClient
 # Ask for a list of metadata only (no spec, no status).
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
@@ -71,12 +78,68 @@ class TimedApiClient(client.ApiClient):  # type: ignore[misc]
         return super().call_api(method, url, header_params, body, post_params, _request_timeout)
 
 
-class Conflict(Exception):
-    """A compare-and-swap lost: the stored object no longer matches what the write was based on."""
+__all__ = ["Conflict", "NotFound", "Refused", "Transient", "WorkOrderError"]  # re-exported: one tree
+
+# Statuses that say "later, maybe": throttled, or the server (or what is behind it) is not well.
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
-class NotFound(Exception):
-    """The order does not exist (any more)."""
+def _body(exc: ApiException) -> dict[str, Any]:
+    try:
+        body = json.loads(exc.body or "{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def api_error(exc: BaseException, *, json_patch_test: bool = False) -> WorkOrderError | None:
+    """THE mapping of an API answer to the error tree; None for anything that is not one (a bug).
+
+    404 NotFound; 409 Conflict, and for a JSON Patch with `test`s (`json_patch_test`) a 422
+    without causes too (a failed `test`: a real validation error always lists the fields at
+    fault); no answer at all, 410 Gone, 429 and 5xx Transient (except a 500 that is a schema
+    error, "failed to create typed patch object", which repeats forever); every other answer
+    Refused."""
+    if isinstance(exc, WorkOrderError):
+        return exc
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return Transient(f"{type(exc).__name__}: {exc}")
+    if not isinstance(exc, ApiException):
+        return None
+    body = _body(exc)
+    details = body.get("details") or {}
+    status = exc.status or None
+    text = explain(exc)
+    kw: dict[str, Any] = {
+        "status": status, "reason": str(body.get("reason") or exc.reason or ""), "details": details,
+        "body": str(exc.body or ""),
+    }  # fmt: skip
+    if status is None or status == 410:
+        return Transient(text, **kw)
+    if status == 404:
+        return NotFound(text, **kw)
+    if status == 409 or (json_patch_test and status == 422 and not details.get("causes")):
+        return Conflict(text, **kw)
+    if status in TRANSIENT_STATUSES and "typed" not in (exc.body or ""):
+        return Transient(text, **kw)
+    return Refused(text, **kw)
+
+
+@contextlib.contextmanager
+def translated(*, json_patch_test: bool = False, **messages: str) -> Iterator[None]:
+    """Raise API errors as the error tree (`api_error`). `messages`: the text to use per kind, by
+    class name (`NotFound="workorder a/b not found"`)."""
+    try:
+        yield
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        mapped = api_error(exc, json_patch_test=json_patch_test)
+        assert mapped is not None
+        text = messages.get(type(mapped).__name__)
+        if text is not None:
+            mapped = type(mapped)(
+                text, status=mapped.status, reason=mapped.reason, details=mapped.details, body=mapped.body
+            )
+        raise mapped from exc
 
 
 def api_client(
@@ -107,6 +170,21 @@ def api_client(
     return api
 
 
+# A kubeconfig that cannot be used (missing, malformed, no such context).
+KubeconfigError = config.ConfigException
+
+
+def kubeconfig_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace of the kubeconfig's current (or named) context; "default" when it names none."""
+    try:
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+        if context:
+            active = next(c for c in contexts if c["name"] == context)
+        return str(active["context"].get("namespace") or "default")
+    except (config.ConfigException, OSError, StopIteration, TypeError, KeyError):
+        return "default"
+
+
 def json_patch(write: StatusWrite) -> list[dict[str, Any]]:
     """The wire form of a status write: `test` every guard, then set the whole status.
 
@@ -117,25 +195,9 @@ def json_patch(write: StatusWrite) -> list[dict[str, Any]]:
     return ops
 
 
-def _is_lost_race(exc: ApiException) -> bool:
-    if exc.status == 409:
-        return True
-    # A failed JSON Patch `test` is answered 422 "the server rejected our request" with no
-    # causes; a real validation error always lists its causes (the fields at fault).
-    if exc.status != 422:
-        return False
-    try:
-        details = json.loads(exc.body or "{}").get("details") or {}
-    except ValueError:
-        return False
-    return not details.get("causes")
-
-
 def explain(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)
+    """The API server's own message for a refusal."""
+    return str(_body(exc).get("message") or exc.reason)
 
 
 class WorkOrders:
@@ -147,14 +209,10 @@ class WorkOrders:
         self.field_manager = field_manager
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
-        try:
+        with translated(NotFound=f"workorder {namespace}/{name} not found"):
             body: dict[str, Any] = self.objects.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, name, _request_timeout=timeout()
             )
-        except ApiException as exc:
-            if exc.status == 404:
-                raise NotFound(f"workorder {namespace}/{name} not found") from exc
-            raise
         return body
 
     def list(
@@ -164,10 +222,11 @@ class WorkOrders:
         kwargs: dict[str, Any] = {
             "field_selector": field_selector, "label_selector": label_selector, "_request_timeout": timeout(),
         }  # fmt: skip
-        if namespace:
-            result = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
-        else:
-            result = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+        with translated():
+            if namespace:
+                result = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
+            else:
+                result = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
         return list(result["items"]), str(result["metadata"]["resourceVersion"])
 
     def list_versions(self, namespace: str | None = None) -> tuple[dict[str, str], str]:
@@ -181,8 +240,9 @@ class WorkOrders:
             request = self.api.param_serialize(
                 "GET", path, query_params=query, auth_settings=["BearerToken"], header_params={"Accept": METADATA_LIST}
             )
-            page: Any = self.api.call_api(*request, _request_timeout=timeout())
-            page.read()
+            with translated():
+                page: Any = self.api.call_api(*request, _request_timeout=timeout())
+                page.read()
             body = json.loads(page.data or b"{}")
             for item in body.get("items") or []:
                 meta = item.get("metadata") or {}
@@ -192,21 +252,41 @@ class WorkOrders:
             if not token:
                 return found, str((body.get("metadata") or {}).get("resourceVersion", ""))
 
+    def watch(
+        self, namespace: str | None, field_selector: str = "", resource_version: str = "", timeout_seconds: int = 300
+    ) -> OrderWatch:
+        """One watch request from `resource_version` (from `list`): iterate it for events."""
+        kwargs: dict[str, Any] = {
+            "field_selector": field_selector, "resource_version": resource_version,
+            "timeout_seconds": timeout_seconds, "allow_watch_bookmarks": True,
+        }  # fmt: skip
+        if namespace:
+            return OrderWatch(self.objects.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL), kwargs)
+        return OrderWatch(self.objects.list_cluster_custom_object, (GROUP, VERSION, PLURAL), kwargs)
+
+    def create(self, body: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        """Create an order (`order_body` builds one) in `namespace` or its own metadata.namespace."""
+        ns = namespace or body.get("metadata", {}).get("namespace") or "default"
+        with translated():
+            created: dict[str, Any] = self.objects.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, body, field_manager=self.field_manager, _request_timeout=timeout()
+            )
+        return created
+
     def write_status(self, order: WorkOrder, write: StatusWrite, budget: float | None = None) -> dict[str, Any]:
         """Perform a status compare-and-swap; raise Conflict when a guard no longer holds.
         `budget`: seconds within which the request must be over, sent or not."""
         try:
-            body: dict[str, Any] = self.objects.patch_namespaced_custom_object_status(
-                GROUP, VERSION, order.namespace, PLURAL, order.name, json_patch(write),
-                field_manager=self.field_manager, _content_type="application/json-patch+json",
-                _request_timeout=timeout(budget),
-            )  # fmt: skip
-        except ApiException as exc:
-            if exc.status == 404:
-                raise NotFound(f"workorder {order.key} not found") from exc
-            if _is_lost_race(exc):
-                raise Conflict(f"{write.transition} of {order.key} lost a race: {explain(exc)}") from exc
-            raise
+            with translated(json_patch_test=True, NotFound=f"workorder {order.key} not found"):
+                body: dict[str, Any] = self.objects.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, order.namespace, PLURAL, order.name, json_patch(write),
+                    field_manager=self.field_manager, _content_type="application/json-patch+json",
+                    _request_timeout=timeout(budget),
+                )  # fmt: skip
+        except Conflict as exc:
+            raise Conflict(
+                f"{write.transition} of {order.key} lost a race: {exc}", status=exc.status, body=exc.body
+            ) from exc
         return body
 
     def delete(self, order: WorkOrder, budget: float | None = None) -> None:
@@ -215,16 +295,51 @@ class WorkOrders:
         just now) is deleted. Raises Conflict or NotFound when there is nothing to delete."""
         preconditions = client.V1Preconditions(uid=order.uid, resource_version=order.resource_version)
         try:
-            self.objects.delete_namespaced_custom_object(
-                GROUP, VERSION, order.namespace, PLURAL, order.name,
-                body=client.V1DeleteOptions(preconditions=preconditions), _request_timeout=timeout(budget),
-            )  # fmt: skip
-        except ApiException as exc:
-            if exc.status == 404:
-                raise NotFound(f"workorder {order.key} not found") from exc
-            if exc.status == 409:
-                raise Conflict(f"delete of {order.key} lost a race: {explain(exc)}") from exc
-            raise
+            with translated(NotFound=f"workorder {order.key} not found"):
+                self.objects.delete_namespaced_custom_object(
+                    GROUP, VERSION, order.namespace, PLURAL, order.name,
+                    body=client.V1DeleteOptions(preconditions=preconditions), _request_timeout=timeout(budget),
+                )  # fmt: skip
+        except Conflict as exc:
+            raise Conflict(f"delete of {order.key} lost a race: {exc}", status=exc.status, body=exc.body) from exc
+
+
+class OrderWatch:
+    """One watch over WorkOrders: iterate for (event type, object); `stop()` from any thread.
+    Ends when the server ends the request, or at 410 Gone (`gone` is then True: the
+    resourceVersion is too old, list again). Other errors are raised as the error tree."""
+
+    def __init__(self, lister: Any, args: tuple[str, ...], kwargs: dict[str, Any]) -> None:
+        self._watch = watch.Watch()
+        self._call = (lister, args, kwargs)
+        self.gone = False
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        lister, args, kwargs = self._call
+        with translated():
+            try:
+                for event in self._watch.stream(lister, *args, **kwargs):
+                    body: dict[str, Any] = event["object"]
+                    if event["type"] == "ERROR":
+                        raise ApiException(status=body.get("code"), reason=body.get("message"))
+                    yield str(event["type"]), body
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+                self.gone = True
+
+
+def whoami(api: client.ApiClient) -> str:
+    """This client's Kubernetes username (a SelfSubjectReview); "" when the answer has none."""
+    with translated():
+        review = client.AuthenticationV1Api(api).create_self_subject_review({}, _request_timeout=timeout())
+    try:
+        return str(review.status.user_info.username)
+    except AttributeError:
+        return ""
 
 
 def post_event(api: client.ApiClient, order: WorkOrder, kind: str, reason: str, message: str) -> None:

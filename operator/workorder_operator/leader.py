@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -33,17 +32,12 @@ from kubernetes.client.exceptions import ApiException
 
 from workorder_operator.kube import timeout
 from workorder_operator.model import format_time, utcnow
+from workorder_operator.settings import LeaseConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LeaseConfig:
-    namespace: str
-    name: str = "workorder-operator"
-    lease_duration: float = 15.0
-    renew_deadline: float = 10.0
-    retry_period: float = 2.0
+__all__ = ["LeaderElection", "LeaseConfig"]
 
 
 class LeaderElection:

@@ -24,7 +24,8 @@ from enum import StrEnum
 from typing import Any
 
 from workorder_operator.backoff import retry_delay
-from workorder_operator.model import Outcome, Phase, WorkOrder, format_time
+from workorder_operator.errors import Conflict
+from workorder_operator.model import Outcome, Phase, Transition, WorkOrder, format_time
 from workorder_operator.targeting import AgentIdentity, admits
 
 HISTORY_LIMIT = 10
@@ -36,7 +37,7 @@ MESSAGE_LIMIT = 4096
 RESULT_LIMIT = 16384
 
 
-class TransitionError(Exception):
+class TransitionError(Conflict):
     """The transition is not legal for the order as read (wrong phase, not the claim holder, ...)."""
 
 
@@ -44,7 +45,7 @@ class TransitionError(Exception):
 class StatusWrite:
     """A compare-and-swap on one order's status."""
 
-    transition: str
+    transition: Transition
     # JSON Pointer -> the value the stored object must still hold there.
     guards: dict[str, Any]
     status: dict[str, Any]
@@ -149,7 +150,7 @@ def _cleared_claim() -> dict[str, Any]:
 
 
 def _write(
-    transition: str, order: WorkOrder, guards: dict[str, Any], status: dict[str, Any], message: str = ""
+    transition: Transition, order: WorkOrder, guards: dict[str, Any], status: dict[str, Any], message: str = ""
 ) -> StatusWrite:
     """Every status write, agents' and the operator's, is fenced by the order's uid first."""
     return StatusWrite(transition, {"/metadata/uid": order.uid, **guards}, status, message)
@@ -192,7 +193,7 @@ def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime, user: str | 
     attempt = order.status.attempt + 1
     message = f"claimed by agent {agent.id} (attempt {attempt})"
     return _write(
-        "claim",
+        Transition.CLAIM,
         order,
         {"/status/phase": str(Phase.PENDING), "/status/attempt": order.status.attempt},
         _next_status(
@@ -206,14 +207,14 @@ def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime, user: str | 
 def renew(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime) -> StatusWrite:
     guards = _holder_guards(order, agent_id, attempt)
     status = dict(order.raw_status, renewedAt=format_time(now))
-    return _write("renew", order, guards, status)
+    return _write(Transition.RENEW, order, guards, status)
 
 
 def complete(order: WorkOrder, agent_id: str, attempt: int, result: str, now: dt.datetime) -> StatusWrite:
     guards = _holder_guards(order, agent_id, attempt)
     message = f"completed by agent {agent_id} in attempt {attempt}"
     return _write(
-        "complete",
+        Transition.COMPLETE,
         order,
         guards,
         _next_status(
@@ -251,7 +252,7 @@ def fail(
         why = "not retryable" if not retryable else f"{spec.max_retries} retries used up"
         message = f"attempt {attempt} failed ({why}): {error}"
         status = _next_status(order, Phase.FAILED, message, now, completedAt=format_time(now), result=error, **common)
-    return _write("fail", order, guards, status, message)
+    return _write(Transition.FAIL, order, guards, status, message)
 
 
 def release(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime, reason: str = "") -> StatusWrite:
@@ -259,7 +260,7 @@ def release(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime, rea
     guards = _holder_guards(order, agent_id, attempt)
     message = f"released by agent {agent_id}" + (f": {reason}" if reason else "")
     return _write(
-        "release",
+        Transition.RELEASE,
         order,
         guards,
         _next_status(
@@ -279,7 +280,7 @@ def requeue(order: WorkOrder, now: dt.datetime) -> StatusWrite:
     _require_phase(order, Phase.FAILED)
     message = "requeued after failure"
     return _write(
-        "requeue",
+        Transition.REQUEUE,
         order,
         _unchanged(order),
         _next_status(
@@ -308,21 +309,21 @@ def initialise(order: WorkOrder, now: dt.datetime, rejection: str | None = None)
             order, Phase.FAILED, message, now, attempt=order.status.attempt, retryCount=order.status.retry_count,
             lastError=rejection, lastErrorAt=format_time(now), completedAt=format_time(now), result=rejection,
         )  # fmt: skip
-        return _write("reject", order, _unchanged(order), status, message)
+        return _write(Transition.REJECT, order, _unchanged(order), status, message)
     message = "waiting for an agent"
     # Counters as stored (CRD defaults 0): an order a minimal agent claimed and released without
     # conditions keeps its attempt, which never decreases.
     status = _next_status(
         order, Phase.PENDING, message, now, attempt=order.status.attempt, retryCount=order.status.retry_count
     )
-    return _write("initialise", order, _unchanged(order), status, message)
+    return _write(Transition.INITIALISE, order, _unchanged(order), status, message)
 
 
 def waiting(order: WorkOrder, reason: str, message: str, now: dt.datetime) -> StatusWrite:
     """Say on a Pending order why nothing takes it yet (conditions only; still claimable)."""
     _require_phase(order, Phase.PENDING)
     status = _next_status(order, Phase.PENDING, message, now, reason)
-    return _write("waiting", order, _unchanged(order), status, message)
+    return _write(Transition.WAITING, order, _unchanged(order), status, message)
 
 
 # Beyond any real deadline: what a timestamp near year 9999 plus a timeout becomes.
@@ -379,7 +380,7 @@ def expire(
         f"{order.spec.claim_timeout_seconds}s"
     )
     return _write(
-        "expire",
+        Transition.EXPIRE,
         order,
         _unchanged(order),
         _next_status(
@@ -397,7 +398,7 @@ def due(order: WorkOrder, now: dt.datetime) -> StatusWrite:
         raise TransitionError(f"{order.key}: retry not due until {format_time(when)}")
     message = f"retry {order.status.retry_count} of {order.spec.max_retries} due: waiting for an agent"
     return _write(
-        "due",
+        Transition.DUE,
         order,
         _unchanged(order),
         _next_status(order, Phase.PENDING, message, now, nextRetryAfter=None),
@@ -450,7 +451,7 @@ def sync_conditions(order: WorkOrder, now: dt.datetime) -> StatusWrite:
     status["observedGeneration"] = order.generation
     status["conditions"] = _conditions(status.get("conditions") or [], phase, message, now, order.generation)
     status.setdefault("updatedAt", format_time(now))
-    return _write("conditions", order, _unchanged(order), status, message)
+    return _write(Transition.CONDITIONS, order, _unchanged(order), status, message)
 
 
 # --- what the operator does next ----------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -14,8 +15,10 @@ except ImportError as exc:  # the base install is the SDK and CLI only: say what
     sys.exit(f"workorder-operator needs its dependencies: pip install 'workorder-operator[operator]' ({exc})")
 
 from workorder_operator import handlers
-from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildAgentConfig
-from workorder_operator.leader import LeaseConfig
+from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildExecutor, build_agent_config
+from workorder_operator.executor import AgentConfig, Executor, ExecutorAgent, Executors
+from workorder_operator.kube import OPERATOR_MANAGER, api_client
+from workorder_operator.settings import LeaseConfig, Settings
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,35 +56,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    handlers.OPTIONS.kubeconfig = args.kubeconfig
-    handlers.OPTIONS.context = args.context
-    handlers.OPTIONS.concurrency = args.concurrency
-    handlers.OPTIONS.namespaces = tuple(args.namespace)
-    handlers.OPTIONS.build_agent = (
-        None
-        if args.no_build_agent
-        else BuildAgentConfig(
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        concurrency=args.concurrency,
+        namespaces=tuple(args.namespace),
+        metrics_port=args.metrics_port,
+        lease=None if args.no_leader_election else LeaseConfig(args.leader_election_namespace,
+                                                               args.leader_election_name),
+    )  # fmt: skip
+
+
+def executors_from(
+    args: argparse.Namespace, settings: Settings, extra: Sequence[tuple[Executor, AgentConfig]] = ()
+) -> Executors:
+    """The executors this operator runs: the Shipwright build executor unless --no-build-agent,
+    and `extra` (each with its agent's config; in the watched namespaces unless it names its own)."""
+    executors = Executors()
+    api = api_client(settings.kubeconfig, settings.context, user_agent=f"{OPERATOR_MANAGER}/{settings.identity}")
+    for executor, config in extra:
+        config = config if config.namespaces else dataclasses.replace(config, namespaces=settings.namespaces)
+        executors.register(ExecutorAgent(api, executor, config))
+    if not args.no_build_agent:
+        config = build_agent_config(
             id=args.build_agent_id,
             labels=tuple(args.build_agent_label or ("shipwright",)),
             annotations=dict(a.split("=", 1) for a in args.build_agent_annotation if "=" in a),
             concurrency=args.build_concurrency,
-            registration_timeout=args.build_registration_timeout,
             # Single-namespace mode holds for the build agent too: it lists, watches and claims
             # only in the namespaces the operator watches.
-            namespaces=tuple(args.namespace),
+            namespaces=settings.namespaces,
         )
-    )
-    handlers.OPTIONS.metrics_port = args.metrics_port
-    handlers.OPTIONS.lease = (
-        None if args.no_leader_election else LeaseConfig(args.leader_election_namespace, args.leader_election_name)
-    )
+        executor = BuildExecutor(api, OPERATOR_MANAGER, registration_timeout=args.build_registration_timeout)
+        executors.register(ExecutorAgent(api, executor, config))
+    return executors
+
+
+def main(argv: Sequence[str] | None = None, executors: Sequence[tuple[Executor, AgentConfig]] = ()) -> int:
+    """Run the operator (until SIGTERM). `executors`: more work types it runs itself, beside
+    the built-in `build` (README: "Write your own executor")."""
+    args = parse_args(argv)
+    settings = settings_from(args)
+    registry = executors_from(args, settings, executors)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_refkey="workorder")
     if not args.verbose:
         # kopf logs every handled watch event at INFO: thousands of lines an hour that say nothing.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True)
+    kopf.run(
+        clusterwide=not args.namespace, namespaces=args.namespace, standalone=True,
+        memo=handlers.memo(settings, registry),
+    )  # fmt: skip
     return 0
 
 

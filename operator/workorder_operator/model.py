@@ -1,4 +1,8 @@
-"""The WorkOrder data model (SPEC.md), parsed from the API's JSON. Pure: no I/O."""
+"""The WorkOrder data model (SPEC.md), parsed from the API's JSON. Pure: no I/O.
+
+The typed model covers every field of the CRD's schema (crds/workorder.yaml), spec and status;
+tests/unit/test_schema.py proves they agree field for field. `Transition` names every status
+write the lifecycle makes."""
 
 from __future__ import annotations
 
@@ -33,6 +37,29 @@ class Outcome(StrEnum):
     FAILED = "Failed"
     EXPIRED = "Expired"
     RELEASED = "Released"
+
+
+class Transition(StrEnum):
+    """Every kind of status write (lifecycle.py), as events, logs and metrics name them."""
+
+    INITIALISE = "initialise"
+    REJECT = "reject"  # initialise of content the operator cannot run: Failed at once
+    CLAIM = "claim"
+    RENEW = "renew"
+    COMPLETE = "complete"
+    FAIL = "fail"
+    RELEASE = "release"
+    EXPIRE = "expire"
+    DUE = "due"
+    REQUEUE = "requeue"
+    WAITING = "waiting"  # why nothing takes a Pending order yet (conditions only)
+    CONDITIONS = "conditions"  # the operator's backstop: conditions that say what the phase says
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
 
 
 def utcnow() -> dt.datetime:
@@ -80,9 +107,20 @@ class HistoryEntry(_Camel):
     message: str | None = None
 
 
+class Condition(_Camel):
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str
+    last_transition_time: dt.datetime
+    observed_generation: int | None = None
+
+
 class Status(_Camel):
     phase: Phase | None = None
     claimed_by: str | None = None
+    # The Kubernetes username that took the claim (the admission policy lets only it act on it).
+    claimed_by_user: str | None = None
     claimed_at: dt.datetime | None = None
     renewed_at: dt.datetime | None = None
     attempt: int = 0
@@ -93,6 +131,13 @@ class Status(_Camel):
     updated_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
     result: str | None = None
+    # The generation the conditions were written for.
+    observed_generation: int | None = None
+    history: list[HistoryEntry] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
 
 
 class WorkOrder(_Camel):
@@ -136,6 +181,17 @@ class WorkOrder(_Camel):
     def logref(self) -> dict[str, Any]:
         """`extra=` for log lines about this order: a `workorder` field in JSON logs."""
         return {"workorder": {"namespace": self.namespace, "name": self.name}}
+
+
+def order_body(
+    name: str | None = None, *, generate_name: str | None = None, namespace: str | None = None, **spec: Any
+) -> dict[str, Any]:
+    """A new WorkOrder as the API takes it; `spec` in the API's camelCase names (`workType`,
+    `yamlContent`, `maxRetries`, ...). The one body builder of the CLI, the tests and the bench."""
+    metadata: dict[str, Any] = {"name": name} if name else {"generateName": generate_name or "workorder-"}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": dict(spec)}
 
 
 def _status_written_at(managed: list[dict[str, Any]], operator_manager: str | None) -> dt.datetime | None:

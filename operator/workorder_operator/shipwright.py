@@ -1,18 +1,19 @@
-"""Adapter for the Shipwright Build API (shipwright.io/v1beta1): Builds, BuildRuns, discovery."""
+"""Adapter for the Shipwright Build API (shipwright.io/v1beta1): Builds, BuildRuns, discovery.
+
+Raises the error tree (`kube.translated` maps every API answer), never `ApiException`."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import urllib3
 from kubernetes import client, watch
-from kubernetes.client.exceptions import ApiException
 
 from workorder_operator.build import label_value
-from workorder_operator.kube import timeout, watch_timeout
+from workorder_operator.errors import Conflict, NotFound, Refused, Transient, WorkOrderError
+from workorder_operator.kube import timeout, translated, watch_timeout
 from workorder_operator.model import API_VERSION, KIND, WorkOrder
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ ATTEMPT_LABEL = "workorder.dev/attempt"
 WATCH_SLICE_SECONDS = 2
 
 
-class NotOurs(Exception):
+class NotOurs(Refused):
     """An object we need by name exists and belongs to someone else (another order, another
     attempt, a person): it is never taken over, changed or reported as ours."""
 
@@ -57,9 +58,10 @@ class Shipwright:
     def installed(self) -> bool:
         """Whether the cluster serves shipwright.io/v1beta1 (discovery, not a guess from errors)."""
         try:
-            groups = client.ApisApi(self.api).get_api_versions(_request_timeout=timeout()).groups or []
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.warning("API discovery failed: %s", getattr(exc, "reason", None) or exc)
+            with translated():
+                groups = client.ApisApi(self.api).get_api_versions(_request_timeout=timeout()).groups or []
+        except WorkOrderError as exc:
+            log.warning("API discovery failed: %s", exc.reason or exc)
             return False
         return any(g.name == GROUP and any(v.version == VERSION for v in g.versions) for g in groups)
 
@@ -80,19 +82,14 @@ class Shipwright:
         existing = self.get(BUILDS, order.namespace, name)
         if existing is None:
             try:
-                created: dict[str, Any] = self.objects.create_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    order.namespace,
-                    BUILDS,
-                    body,
-                    field_manager=self.field_manager,
-                    _request_timeout=timeout(),
-                )
+                with translated():
+                    created: dict[str, Any] = self.objects.create_namespaced_custom_object(
+                        GROUP, VERSION, order.namespace, BUILDS, body,
+                        field_manager=self.field_manager, _request_timeout=timeout(),
+                    )  # fmt: skip
                 return created
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
+            except Conflict:
+                pass
             existing = self.get(BUILDS, order.namespace, name)  # created by someone else meanwhile
             if existing is None:
                 raise NotOurs(f"Build {name!r} was created and deleted by someone else while we created it")
@@ -103,26 +100,24 @@ class Shipwright:
             )
         try:
             # No force: if someone else has since changed a field we set, refuse rather than overwrite.
-            applied: dict[str, Any] = self.objects.patch_namespaced_custom_object(
-                GROUP, VERSION, order.namespace, BUILDS, name, body,
-                field_manager=self.field_manager, _content_type="application/apply-patch+yaml",
-                _request_timeout=timeout(),
-            )  # fmt: skip
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
+            with translated():
+                applied: dict[str, Any] = self.objects.patch_namespaced_custom_object(
+                    GROUP, VERSION, order.namespace, BUILDS, name, body,
+                    field_manager=self.field_manager, _content_type="application/apply-patch+yaml",
+                    _request_timeout=timeout(),
+                )  # fmt: skip
+        except Conflict:
             raise NotOurs(f"Build {name!r} was changed by someone else since this order created it") from None
         return applied
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self.objects.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, _request_timeout=timeout()
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+            with translated():
+                obj: dict[str, Any] = self.objects.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, plural, name, _request_timeout=timeout()
+                )
+        except NotFound:
+            return None
         return obj
 
     def ensure_buildrun(self, order: WorkOrder, attempt: int, name: str, build_name: str) -> dict[str, Any]:
@@ -144,19 +139,14 @@ class Shipwright:
             "spec": {"build": {"name": build_name}},
         }  # fmt: skip
         try:
-            created: dict[str, Any] = self.objects.create_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                order.namespace,
-                BUILDRUNS,
-                body,
-                field_manager=self.field_manager,
-                _request_timeout=timeout(),
-            )
+            with translated():
+                created: dict[str, Any] = self.objects.create_namespaced_custom_object(
+                    GROUP, VERSION, order.namespace, BUILDRUNS, body,
+                    field_manager=self.field_manager, _request_timeout=timeout(),
+                )  # fmt: skip
             return created
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
+        except Conflict:
+            pass
         existing = self.get(BUILDRUNS, order.namespace, name)
         if existing is None:  # deleted between our create and get: try once more
             return self.ensure_buildrun(order, attempt, name, build_name)
@@ -179,17 +169,17 @@ class Shipwright:
             patch = {"metadata": {"resourceVersion": run["metadata"]["resourceVersion"]},
                      "spec": {"state": "BuildRunCanceled"}}  # fmt: skip
             try:
-                self.objects.patch_namespaced_custom_object(
-                    GROUP, VERSION, order.namespace, BUILDRUNS, name, patch,
-                    field_manager=self.field_manager, _content_type="application/merge-patch+json",
-                    _request_timeout=timeout(),
-                )  # fmt: skip
+                with translated():
+                    self.objects.patch_namespaced_custom_object(
+                        GROUP, VERSION, order.namespace, BUILDRUNS, name, patch,
+                        field_manager=self.field_manager, _content_type="application/merge-patch+json",
+                        _request_timeout=timeout(),
+                    )  # fmt: skip
                 return True
-            except ApiException as exc:
-                if exc.status == 404:
-                    return False
-                if exc.status != 409:
-                    raise
+            except NotFound:
+                return False
+            except Conflict:
+                continue
         return False
 
     def wait_for(
@@ -214,11 +204,7 @@ class Shipwright:
                     return obj
                 version = obj["metadata"]["resourceVersion"]
             try:
-                for event in watch.Watch().stream(
-                    self.objects.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
-                    field_selector=f"metadata.name={name}", resource_version=version,
-                    timeout_seconds=WATCH_SLICE_SECONDS, _request_timeout=watch_timeout(WATCH_SLICE_SECONDS),
-                ):  # fmt: skip
+                for event in self._watch_slice(plural, namespace, name, version):
                     obj = dict(event["object"])
                     if event["type"] == "ERROR":
                         version = None
@@ -228,11 +214,20 @@ class Shipwright:
                     version = obj["metadata"]["resourceVersion"]
                     if done(obj):
                         return obj
-            except ApiException as exc:
-                if exc.status != 410:
+            except Transient as exc:
+                if exc.status == 410:
+                    version = None
+                elif exc.status is None:  # API server restarting: keep watching
+                    log.warning("watch of %s %s/%s interrupted (%s); retrying", plural, namespace, name, exc)
+                    time.sleep(1)
+                else:
                     raise
-                version = None
-            except (urllib3.exceptions.HTTPError, OSError) as exc:  # API server restarting: keep watching
-                log.warning("watch of %s %s/%s interrupted (%s); retrying", plural, namespace, name, exc)
-                time.sleep(1)
         return None
+
+    def _watch_slice(self, plural: str, namespace: str, name: str, version: str) -> Iterator[dict[str, Any]]:
+        with translated():
+            yield from watch.Watch().stream(
+                self.objects.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
+                field_selector=f"metadata.name={name}", resource_version=version,
+                timeout_seconds=WATCH_SLICE_SECONDS, _request_timeout=watch_timeout(WATCH_SLICE_SECONDS),
+            )  # fmt: skip

@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client, config
 
 from tests.conftest import Cluster
-from tests.support import admission_policies, bind_rules, create_order, wait_for
+from tests.support import API_ERRORS, admission_policies, bind_rules, create_order, wait_for
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent, ClaimLost
 from workorder_operator.kube import WorkOrders
@@ -42,7 +42,7 @@ def identity(cluster: Cluster, namespace: str, user: str, groups: tuple[str, ...
     name = f"agent-{user.replace(':', '-')}"[:60]
     try:
         rbac.create_namespaced_role(namespace, {"metadata": {"name": "agent"}, "rules": AGENT_RULES})
-    except client.ApiException as exc:
+    except API_ERRORS as exc:
         if exc.status != 409:
             raise
     rbac.create_namespaced_role_binding(namespace, {
@@ -55,7 +55,7 @@ def identity(cluster: Cluster, namespace: str, user: str, groups: tuple[str, ...
 
 def refused(write: Callable[[], Any], *words: str) -> str:
     """The write must be refused by the policy; returns its message."""
-    with pytest.raises(client.ApiException) as err:
+    with pytest.raises(API_ERRORS) as err:
         write()
     assert err.value.status in (403, 422), err.value
     message = str(json.loads(err.value.body)["message"])
@@ -90,7 +90,7 @@ def wait_until_enforced(cluster: Cluster, namespace: str, alice: Agent) -> None:
         order = WorkOrder.from_body(alice.orders.get(namespace, "probe"))
         try:
             raw_write(alice.api, order, {**order.raw_status, "lastError": f"probe {uuid.uuid4()}"})
-        except client.ApiException as exc:
+        except API_ERRORS as exc:
             return exc.status in (403, 422) and "workorder-status-transitions" in (exc.body or "")
         return False
 
@@ -137,7 +137,7 @@ def _lead_may_update(api: client.ApiClient, namespace: str) -> bool:
 def _requeued(orders: WorkOrders, failed: WorkOrder) -> bool:
     try:
         orders.write_status(failed, lifecycle.requeue(failed, utcnow()))
-    except client.ApiException as exc:
+    except API_ERRORS as exc:
         if "admin transition" in (exc.body or ""):
             return False  # the lead's RBAC has not reached the authorizer yet
         raise
@@ -235,7 +235,7 @@ def test_holders_of_the_operate_verb_are_not_bound_by_the_agent_rules(
 def _expired(orders: WorkOrders, order: WorkOrder, at: dt.datetime) -> bool:
     try:
         orders.write_status(order, lifecycle.expire(order, at))
-    except client.ApiException as exc:
+    except API_ERRORS as exc:
         if "workorder-status-transitions" in (exc.body or ""):
             return False
         raise

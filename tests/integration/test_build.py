@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from devcluster import envtest
 from tests.conftest import Cluster
 from tests.shipwright_sim import KANIKO_BUILD, Shipwright
 from tests.support import Agent, OperatorProcess, create_order, wait_for
-from workorder_operator import envtest, lifecycle
+from workorder_operator import lifecycle
 from workorder_operator.kube import WorkOrders
 from workorder_operator.model import WorkOrder, utcnow
 from workorder_operator.shipwright import BUILDRUNS, BUILDS

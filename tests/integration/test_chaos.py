@@ -36,13 +36,15 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
+from devcluster import envtest
 from tests.conftest import Cluster
 from tests.shipwright_sim import KANIKO_BUILD
+from tests.support import CRDS, OperatorProcess, create_order, wait_for
 from tests.support import Agent as Claimer
-from tests.support import OperatorProcess, create_order, wait_for
 from tests.support import RunningAgent as Running
-from workorder_operator import envtest, lifecycle
+from workorder_operator import lifecycle
 from workorder_operator.agent import Agent, Claim, Failure
+from workorder_operator.errors import Refused, WorkOrderError
 from workorder_operator.kube import Conflict, WorkOrders, api_client
 from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
 from workorder_operator.shipwright import BUILDRUNS, BUILDS
@@ -365,7 +367,7 @@ def _create_retrying(api: client.ApiClient, namespace: str, name: str, run: Rest
         try:
             create_order(api, namespace, name, workType="chaos", claimTimeoutSeconds=5)
             return
-        except client.ApiException as exc:
+        except WorkOrderError as exc:
             if exc.status == 409:
                 return
             if time.monotonic() > deadline:
@@ -398,7 +400,7 @@ def _restart_scenario(root: Path, run: RestartRun) -> None:
         return all(n in orders and orders[n].status.phase == "Completed" for n in run.names)
 
     try:
-        envtest.install_crds(api, envtest.workorder_crds())
+        envtest.install_crds(api, envtest.workorder_crds(CRDS))
         client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
         op = OperatorProcess(
             plane.kubeconfig, root / "operator.log", "--all-namespaces", f"--leader-election-namespace={ns}"
@@ -721,7 +723,7 @@ def test_hostile_build_content_fails_each_order_clearly_while_the_operator_serve
 
 def test_yaml_content_over_256_kib_is_refused_naming_the_field(cluster: Cluster, namespace: str) -> None:
     create_order(cluster.api, namespace, "at-limit", yamlContent="x" * 262_144)
-    with pytest.raises(client.ApiException) as err:
+    with pytest.raises(Refused) as err:
         create_order(cluster.api, namespace, "over-limit", workType="build", yamlContent="x" * 262_145)
     assert err.value.status == 422
     message = json.loads(err.value.body)["message"]

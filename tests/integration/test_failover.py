@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 from kubernetes import client, config, watch
 
+from devcluster import envtest
 from tests.conftest import Cluster
 from tests.shipwright_sim import KANIKO_BUILD
-from tests.support import Agent, OperatorProcess, RunningAgent, create_order, leader_of, replicas, wait_for
-from workorder_operator import envtest, lifecycle
+from tests.support import CRDS, Agent, OperatorProcess, RunningAgent, create_order, leader_of, replicas, wait_for
+from workorder_operator import lifecycle
 from workorder_operator.agent import Agent as SdkAgent
 from workorder_operator.agent import Claim, ClaimLost
 from workorder_operator.engine import Engine
@@ -325,7 +326,7 @@ def audited_plane(tmp_path: Path) -> Iterator[tuple[envtest.ControlPlane, Path]]
         ]  # fmt: skip
         plane.restart(down=0)
         api = config.new_client_from_config(str(plane.kubeconfig))
-        envtest.install_crds(api, envtest.workorder_crds() + envtest.shipwright_crds())
+        envtest.install_crds(api, envtest.workorder_crds(CRDS) + envtest.shipwright_crds())
         yield plane, audit
     finally:
         plane.stop()

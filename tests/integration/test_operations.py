@@ -8,9 +8,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from devcluster.envtest import free_port
 from tests.conftest import Cluster
 from tests.support import Agent, OperatorProcess, create_order, leader_of, replicas, wait_for
-from workorder_operator.envtest import free_port
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:

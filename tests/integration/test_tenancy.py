@@ -20,6 +20,7 @@ from kubernetes import client, config
 from tests.conftest import Cluster
 from tests.shipwright_sim import KANIKO_BUILD, Shipwright
 from tests.support import (
+    API_ERRORS,
     OperatorProcess,
     admission_policies,
     applied,
@@ -31,6 +32,7 @@ from tests.support import (
 )
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent
+from workorder_operator.errors import Refused
 from workorder_operator.kube import WorkOrders
 from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
 from workorder_operator.shipwright import BUILDRUNS, BUILDS
@@ -111,7 +113,7 @@ def creator(cluster: Cluster, namespace: str, policies: None) -> client.ApiClien
         name = f"probe-{uuid.uuid4().hex[:6]}"
         try:
             create_as(stranger, namespace, build_body(name, KANIKO_BUILD.format(name="probe")))
-        except client.ApiException as exc:
+        except API_ERRORS as exc:
             return exc.status == 403 and "workorder-executor-rights" in (exc.body or "")
         client.CustomObjectsApi(cluster.api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         return False
@@ -280,7 +282,7 @@ def test_only_editors_requeue_and_attempt_never_decreases(cluster: Cluster, name
     # Resetting the fencing token is refused for everyone, cluster admins and the operator included.
     rewind = lifecycle.requeue(failed, utcnow())
     rewound = lifecycle.StatusWrite("rewind", rewind.guards, {**rewind.status, "attempt": 0})
-    with pytest.raises(client.ApiException) as err:
+    with pytest.raises(Refused) as err:
         WorkOrders(cluster.api, "admin").write_status(failed, rewound)
     assert err.value.status == 422 and "status.attempt never decreases" in json.loads(err.value.body)["message"]
     requeued = WorkOrders(editor_api, "lead").write_status(failed, lifecycle.requeue(failed, utcnow()))
@@ -300,7 +302,7 @@ def wait_transitions_enforced(cluster: Cluster, namespace: str, agent: Agent) ->
         write = lifecycle.StatusWrite("probe", {}, {**probe.raw_status, "lastError": uuid.uuid4().hex})
         try:
             agent.orders.write_status(probe, write)
-        except client.ApiException as exc:
+        except Refused as exc:
             return "workorder-status-transitions" in (exc.body or "")
         return False
 
@@ -400,7 +402,7 @@ def wait_targeting_enforced(cluster: Cluster, agent: Agent, namespace: str, targ
         probe = WorkOrder.from_body(agent.orders.get(namespace, name))
         try:
             held = agent.orders.write_status(probe, lifecycle.claim(probe, agent.identity, utcnow(), agent.user))
-        except client.ApiException as exc:
+        except Refused as exc:
             return "workorder-claim-targeting" in (exc.body or "")
         finally:
             client.CustomObjectsApi(cluster.api).delete_namespaced_custom_object(

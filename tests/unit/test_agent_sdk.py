@@ -11,9 +11,18 @@ import urllib3
 from tests.unit.orders import AGENT_A, AGENT_B, NOW, MemoryOrders, order_body, read, store
 from workorder_operator import lifecycle as lc
 from workorder_operator.agent import Agent
+from workorder_operator.errors import Transient
+from workorder_operator.kube import api_error
 from workorder_operator.lifecycle import StatusWrite
 from workorder_operator.model import WorkOrder
 from workorder_operator.targeting import AgentIdentity
+
+
+def lost_reply() -> Exception:
+    """What the adapter raises when a request's reply never comes (a read timeout)."""
+    error = api_error(urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out."))  # type: ignore[arg-type]
+    assert isinstance(error, Transient)
+    return error
 
 
 class LostReplies(MemoryOrders):
@@ -21,7 +30,7 @@ class LostReplies(MemoryOrders):
 
     def write_status(self, order: WorkOrder, write: StatusWrite, budget: float | None = None) -> dict[str, Any]:
         super().write_status(order, write, budget)
-        raise urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out.")  # type: ignore[arg-type]
+        raise lost_reply()
 
 
 def agent_on(orders: MemoryOrders, agent_id: str = AGENT_A) -> Agent:
@@ -54,8 +63,8 @@ def test_a_lost_reply_is_not_adopted_when_another_agent_holds_the_order() -> Non
 
     class Refused(MemoryOrders):
         def write_status(self, order: WorkOrder, write: StatusWrite, budget: float | None = None) -> dict[str, Any]:
-            raise urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out.")  # type: ignore[arg-type]
+            raise lost_reply()
 
     refused = Refused(list(db.bodies.values()))
-    with pytest.raises(urllib3.exceptions.ReadTimeoutError):
+    with pytest.raises(Transient):
         agent_on(refused).claim(read(body))

@@ -6,11 +6,14 @@ signing key and an admin kubeconfig are made here with `cryptography`. Binaries 
 ``KUBEBUILDER_ASSETS`` when it holds them, else from the version-keyed cache that
 ``tools/build-controlplane.sh`` fills.
 
+Dev tooling, not part of the product: its own distribution (tools/devcluster, installed into the
+development virtualenv by `make venv`), never in the `workorder-operator` wheel.
+
 Command line (used by the Makefile)::
 
-    python -m workorder_operator.envtest up DIR     # start in the background, wait until ready
-    python -m workorder_operator.envtest down DIR   # stop what `up` started
-    python -m workorder_operator.envtest crds       # install WorkOrder + Shipwright CRDs (KUBECONFIG)
+    python -m devcluster.envtest up DIR               # start in the background, wait until ready
+    python -m devcluster.envtest down DIR             # stop what `up` started
+    python -m devcluster.envtest crds --crds crds/    # install WorkOrder + Shipwright CRDs (KUBECONFIG)
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ ETCD_VERSION = "v3.6.16"
 SHIPWRIGHT_MODULE = "github.com/shipwright-io/build@v0.20.13"
 
 CACHE_DIR = Path(os.environ.get("WORKORDER_CACHE", Path.home() / ".cache" / "workorder-operator"))
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ControlPlaneError(RuntimeError):
@@ -431,8 +433,12 @@ def shipwright_crds() -> list[dict[str, Any]]:
     return crds
 
 
-def workorder_crds() -> list[dict[str, Any]]:
-    return [yaml.safe_load(p.read_text()) for p in sorted((REPO_ROOT / "crds").glob("*.yaml"))]
+def workorder_crds(directory: Path) -> list[dict[str, Any]]:
+    """The CRDs in `directory` (the repository's crds/)."""
+    found = [yaml.safe_load(p.read_text()) for p in sorted(Path(directory).glob("*.yaml"))]
+    if not found:
+        raise ControlPlaneError(f"no CRD (*.yaml) in {directory}; pass the repository's crds/ directory")
+    return found
 
 
 def install_crds(api_client: Any, crds: Sequence[dict[str, Any]], timeout: float = 30.0) -> None:
@@ -505,23 +511,24 @@ def _cmd_down(directory: Path) -> int:
     return 0
 
 
-def _cmd_crds(shipwright: bool) -> int:
+def _cmd_crds(directory: Path, shipwright: bool) -> int:
     from kubernetes import config
 
     api_client = config.new_client_from_config()
-    crds = workorder_crds() + (shipwright_crds() if shipwright else [])
+    crds = workorder_crds(directory) + (shipwright_crds() if shipwright else [])
     install_crds(api_client, crds)
     print("installed CRDs: " + ", ".join(c["metadata"]["name"] for c in crds))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workorder_operator.envtest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devcluster.envtest", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("up", "down"):
         p = sub.add_parser(name)
         p.add_argument("directory", type=Path)
     crds = sub.add_parser("crds")
+    crds.add_argument("--crds", type=Path, default=Path("crds"), help="the WorkOrder CRD directory (default: crds)")
     crds.add_argument("--no-shipwright", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -529,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_up(args.directory)
         if args.command == "down":
             return _cmd_down(args.directory)
-        return _cmd_crds(not args.no_shipwright)
+        return _cmd_crds(args.crds, not args.no_shipwright)
     except ControlPlaneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

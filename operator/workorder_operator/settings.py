@@ -1,0 +1,52 @@
+"""The operator's settings: one typed object, every field documented (as kopf's `OperatorSettings`).
+
+main.py fills it from the command line and hands it, with the executors registry, to the kopf
+handlers through kopf's `memo`: nothing is a module global. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def default_identity() -> str:
+    """This replica's name: the pod's, else host and process."""
+    return os.environ.get("POD_NAME") or f"{os.uname().nodename}-{os.getpid()}"
+
+
+@dataclass
+class LeaseConfig:
+    """Leader election: the Lease that elects the one replica that acts."""
+
+    # Where the Lease lives and its name.
+    namespace: str
+    name: str = "workorder-operator"
+    # Seconds a leader's term lasts after its last renewal; standbys wait this long.
+    lease_duration: float = 15.0
+    # A leader that could not renew for this long steps down (before its lease runs out).
+    renew_deadline: float = 10.0
+    # Seconds between two renewals (or acquisition attempts).
+    retry_period: float = 2.0
+
+
+@dataclass
+class Settings:
+    """What the operator was told to do."""
+
+    # kubeconfig file and context; both None: in-cluster config, then $KUBECONFIG / ~/.kube/config.
+    kubeconfig: str | None = None
+    context: str | None = None
+    # API calls in flight at once (the engine's worker threads and connection pool).
+    concurrency: int = 32
+    # The namespaces watched; empty: all.
+    namespaces: tuple[str, ...] = ()
+    # Port of /metrics, /healthz and /readyz; 0: not served.
+    metrics_port: int = 0
+    # Leader election; None: no election, this replica acts at once (a single replica).
+    lease: LeaseConfig | None = None
+    # This replica's name (the Lease holder, the user agent in audit logs).
+    identity: str = field(default_factory=default_identity)
+    # How often every replica lists what exists (metadata only) to forget orders deleted while
+    # its watch was down.
+    resync_seconds: float = 300.0
