@@ -157,9 +157,8 @@ def age(order: WorkOrder) -> str:
 
 
 def _reason(order: WorkOrder) -> str:
-    return next(
-        (str(c.get("reason")) for c in order.raw_status.get("conditions", []) if c.get("type") == "Succeeded"), ""
-    )
+    succeeded = order.status.condition("Succeeded")
+    return succeeded.reason if succeeded else ""
 
 
 def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool) -> str:

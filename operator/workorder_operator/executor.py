@@ -182,7 +182,7 @@ class ExecutorAgent:
     def _mark_waiting(self, waiting: Waiting) -> None:
         """Say on each waiting order, once, why nothing happens to it."""
         for order in (o for agent in self.agents for o in agent.candidates()):
-            if any(c.get("reason") == waiting.reason for c in order.raw_status.get("conditions", [])):
+            if any(c.reason == waiting.reason for c in order.status.conditions):
                 continue
             try:
                 self.agent.orders.write_status(

@@ -16,7 +16,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from workorder_operator.model import Phase, WorkOrder
+from workorder_operator.model import Outcome, Phase, WorkOrder
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -65,8 +65,8 @@ def record_change(before: WorkOrder, after: WorkOrder) -> None:
     kind = after.spec.work_type
     name = _TRANSITIONS.get((old, new))
     if (old, new) == (Phase.CLAIMED, Phase.PENDING):
-        history = after.raw_status.get("history") or [{}]
-        name = "expire" if history[-1].get("outcome") == "Expired" else "release"
+        history = after.status.history
+        name = "expire" if history and history[-1].outcome == Outcome.EXPIRED else "release"
     TRANSITIONS.labels(name or f"{old}->{new}", kind).inc()
     if name == "expire":
         EXPIRATIONS.labels(kind).inc()

@@ -81,15 +81,9 @@ class Shipwright:
         }
         existing = self.get(BUILDS, order.namespace, name)
         if existing is None:
-            try:
-                with translated():
-                    created: dict[str, Any] = self.objects.create_namespaced_custom_object(
-                        GROUP, VERSION, order.namespace, BUILDS, body,
-                        field_manager=self.field_manager, _request_timeout=timeout(),
-                    )  # fmt: skip
+            created = self._create(BUILDS, order.namespace, body)
+            if created is not None:
                 return created
-            except Conflict:
-                pass
             existing = self.get(BUILDS, order.namespace, name)  # created by someone else meanwhile
             if existing is None:
                 raise NotOurs(f"Build {name!r} was created and deleted by someone else while we created it")
@@ -109,6 +103,23 @@ class Shipwright:
         except Conflict:
             raise NotOurs(f"Build {name!r} was changed by someone else since this order created it") from None
         return applied
+
+    def _create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Create the object; None if one of that name exists already (whose it is, the caller finds out)."""
+        try:
+            with translated():
+                created: dict[str, Any] = self.objects.create_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    plural,
+                    body,
+                    field_manager=self.field_manager,
+                    _request_timeout=timeout(),
+                )
+        except Conflict:
+            return None
+        return created
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -138,15 +149,9 @@ class Shipwright:
             },
             "spec": {"build": {"name": build_name}},
         }  # fmt: skip
-        try:
-            with translated():
-                created: dict[str, Any] = self.objects.create_namespaced_custom_object(
-                    GROUP, VERSION, order.namespace, BUILDRUNS, body,
-                    field_manager=self.field_manager, _request_timeout=timeout(),
-                )  # fmt: skip
+        created = self._create(BUILDRUNS, order.namespace, body)
+        if created is not None:
             return created
-        except Conflict:
-            pass
         existing = self.get(BUILDRUNS, order.namespace, name)
         if existing is None:  # deleted between our create and get: try once more
             return self.ensure_buildrun(order, attempt, name, build_name)
