@@ -29,6 +29,15 @@ class Cluster:
     kubeconfig: Path
     api: client.ApiClient
     plane: envtest.ControlPlane | None  # None when TEST_KUBECONFIG points at a cluster we do not own
+    # Whether Shipwright's real controller runs: ours (started below when `make binaries` built
+    # it, which `make test` always does), or the cluster's when TEST_SHIPWRIGHT=1 says it has one.
+    shipwright: bool = False
+
+    def need_shipwright(self) -> None:
+        if not self.shipwright:
+            pytest.skip(
+                "needs Shipwright's controller: run `make binaries` (or TEST_SHIPWRIGHT=1 on a cluster with one)"
+            )
 
     def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
         if self.plane is None:
@@ -53,8 +62,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         kubeconfig = plane.kubeconfig
     try:
         api = config.new_client_from_config(str(kubeconfig))
-        envtest.install_crds(api, envtest.workorder_crds() + envtest.shipwright_crds())
-        yield Cluster(kubeconfig, api, plane)
+        envtest.install_crds(api, envtest.workorder_crds())
+        envtest.install_shipwright(api)
+        shipwright = os.environ.get("TEST_SHIPWRIGHT") == "1"
+        if plane is not None and envtest.shipwright_binary() is not None:
+            plane.start_shipwright()
+            shipwright = True
+        yield Cluster(kubeconfig, api, plane, shipwright)
     finally:
         if plane is not None:
             plane.stop()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.shipwright_sim import KANIKO_BUILD as KANIKO_TEMPLATE
+from tests.tekton import KANIKO_BUILD as KANIKO_TEMPLATE
 from workorder_operator.build import (
     MAX_DOCUMENTS,
     PERMANENT_REASONS,
