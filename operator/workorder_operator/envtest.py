@@ -525,7 +525,9 @@ def install_shipwright(api_client: Any) -> None:
     """Shipwright's and Tekton's CRDs, then the sample strategies (server-side apply: idempotent)."""
     from kubernetes import client
 
-    install_crds(api_client, shipwright_crds() + tekton_crds())
+    crds = shipwright_crds() + tekton_crds()
+    install_crds(api_client, crds)
+    _wait_served(api_client, crds)
     objects = client.CustomObjectsApi(api_client)
     for strategy in build_strategies():
         objects.patch_cluster_custom_object(
@@ -566,6 +568,33 @@ def install_crds(api_client: Any, crds: Sequence[dict[str, Any]], timeout: float
                 break
             if time.monotonic() > deadline:
                 raise ControlPlaneError(f"CRD {name} not established after {timeout:.0f}s")
+            time.sleep(0.1)
+
+
+def _wait_served(api_client: Any, crds: Sequence[dict[str, Any]], timeout: float = 30.0) -> None:
+    """Wait until discovery serves every CRD's resources: a controller that starts on an
+    Established CRD can still miss it in discovery for a moment, and controller-runtime gives up."""
+    from kubernetes.client.exceptions import ApiException
+
+    wanted: dict[str, set[str]] = {}
+    for crd in crds:
+        for version in crd["spec"]["versions"]:
+            if version.get("served"):
+                wanted.setdefault(f"/apis/{crd['spec']['group']}/{version['name']}", set()).add(
+                    crd["spec"]["names"]["plural"]
+                )
+    deadline = time.monotonic() + timeout
+    for path, plurals in wanted.items():
+        while True:
+            try:
+                data, _, _ = api_client.call_api(path, "GET", response_type="object", auth_settings=["BearerToken"])
+                if plurals <= {r["name"] for r in data.get("resources", [])}:
+                    break
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"{path} does not serve {sorted(plurals)} after {timeout:.0f}s")
             time.sleep(0.1)
 
 

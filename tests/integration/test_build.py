@@ -9,6 +9,7 @@ kubelet would write."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,12 +260,12 @@ def cancelled_taskrun(run: Running) -> dict[str, Any] | None:
 def test_claim_loss_cancels_the_buildrun_and_shipwright_its_taskrun(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
-    run = run_build(cluster, namespace, "lost")
+    run = run_build(cluster, namespace, "lost", claimTimeoutSeconds=3)
     # Take the claim away as an expiry would (as if the build agent had stopped renewing), and
     # let another agent claim the order: the build agent's next renewal finds the claim gone.
     orders = WorkOrders(cluster.api, "test")
     order = order_of(cluster, namespace, "lost")
-    orders.write_status(order, lifecycle.expire(order, utcnow()))
+    orders.write_status(order, lifecycle.expire(order, utcnow() + dt.timedelta(hours=1)))
     thief = Agent(cluster.api, "11111111-1111-4111-8111-111111111111")
     thief.claim(thief.read(namespace, "lost"))
     wait_for(lambda: cancelled_taskrun(run), timeout=30, what="Shipwright to cancel the TaskRun")
