@@ -15,7 +15,7 @@ shipwright_dir=$cache/bin/shipwright-$shipwright_version
 
 have() { [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/$1" ] || [ -x "$2/$1" ]; }
 
-command -v go >/dev/null || { echo "error: Go (>= 1.24) is needed to build the control plane; install it or set KUBEBUILDER_ASSETS" >&2; exit 1; }
+command -v go >/dev/null || { echo "error: Go (>= 1.24; Shipwright's controller wants 1.26.3, which go fetches itself) is needed to build the control plane; install it or set KUBEBUILDER_ASSETS" >&2; exit 1; }
 export CGO_ENABLED=0
 
 build() { # dir module-dir minutes ldflags packages...

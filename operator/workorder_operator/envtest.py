@@ -388,11 +388,6 @@ class ControlPlane:
     def stop_shipwright(self) -> None:
         self._stop(SHIPWRIGHT_CONTROLLER)
 
-    @property
-    def shipwright_running(self) -> bool:
-        proc = self.processes.get(SHIPWRIGHT_CONTROLLER)
-        return proc is not None and proc.poll() is None
-
     def _wait_log(self, name: str, line: bytes, timeout: float) -> None:
         log = self.directory / f"{name}.log"
         seen = log.read_bytes().count(line) if log.exists() else 0
@@ -574,27 +569,28 @@ def install_crds(api_client: Any, crds: Sequence[dict[str, Any]], timeout: float
 def _wait_served(api_client: Any, crds: Sequence[dict[str, Any]], timeout: float = 30.0) -> None:
     """Wait until discovery serves every CRD's resources: a controller that starts on an
     Established CRD can still miss it in discovery for a moment, and controller-runtime gives up."""
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    wanted: dict[str, set[str]] = {}
+    wanted: dict[tuple[str, str], set[str]] = {}
     for crd in crds:
-        for version in crd["spec"]["versions"]:
+        spec = crd["spec"]
+        for version in spec["versions"]:
             if version.get("served"):
-                wanted.setdefault(f"/apis/{crd['spec']['group']}/{version['name']}", set()).add(
-                    crd["spec"]["names"]["plural"]
-                )
+                wanted.setdefault((spec["group"], version["name"]), set()).add(spec["names"]["plural"])
+    objects = client.CustomObjectsApi(api_client)
     deadline = time.monotonic() + timeout
-    for path, plurals in wanted.items():
+    for (group, version), plurals in wanted.items():
         while True:
             try:
-                data, _, _ = api_client.call_api(path, "GET", response_type="object", auth_settings=["BearerToken"])
-                if plurals <= {r["name"] for r in data.get("resources", [])}:
+                served = {r.name for r in objects.get_api_resources(group, version).resources or []}
+                if plurals <= served:
                     break
             except ApiException as exc:
                 if exc.status != 404:
                     raise
             if time.monotonic() > deadline:
-                raise ControlPlaneError(f"{path} does not serve {sorted(plurals)} after {timeout:.0f}s")
+                raise ControlPlaneError(f"{group}/{version} does not serve {sorted(plurals)} after {timeout:.0f}s")
             time.sleep(0.1)
 
 

@@ -1,6 +1,9 @@
+// Wrapper module: builds Shipwright's build controller (github.com/shipwright-io/build v0.20.13)
+// around our main.go, which only frees its metrics port and turns leader election off.
+// Its go.sum is complete because tools.go requires upstream's controller package, not just the module.
 module workorder.dev/tools/shipwright
 
-go 1.26.8
+go 1.26.3
 
 require (
 	github.com/shipwright-io/build v0.20.13
