@@ -13,7 +13,9 @@ from typing import Any
 
 from kubernetes import client
 
+from tests.support import wait_for
 from workorder_operator.model import format_time, utcnow
+from workorder_operator.shipwright import GROUP, VERSION
 
 KANIKO_BUILD = """\
 apiVersion: shipwright.io/v1beta1
@@ -54,6 +56,19 @@ class Step:
     results: tuple[tuple[str, str], ...] = ()  # what the step wrote to its termination message
 
 
+def shipwright_object(api: client.ApiClient, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+    """A Build or BuildRun as Shipwright left it, or None."""
+    try:
+        obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return obj
+
+
 class Tekton:
     def __init__(self, api: client.ApiClient, namespace: str) -> None:
         self.objects = client.CustomObjectsApi(api)
@@ -85,6 +100,18 @@ class Tekton:
     @staticmethod
     def pod_name(taskrun: str) -> str:
         return f"{taskrun}-pod"
+
+    def wait_taskrun(self, buildrun: str, timeout: float = 30) -> str:
+        """The name of the TaskRun Shipwright creates for a BuildRun, once it exists."""
+        taskrun = wait_for(lambda: self.taskrun(buildrun), timeout=timeout, what=f"Shipwright's TaskRun for {buildrun}")
+        name: str = taskrun["metadata"]["name"]
+        return name
+
+    def finish(self, buildrun: str, digest: str, size: int = 8_388_608) -> None:
+        """Run a BuildRun's TaskRun to success once Shipwright has made it."""
+        taskrun = self.wait_taskrun(buildrun)
+        self.start(taskrun)
+        self.succeed(taskrun, digest, size)
 
     def start(self, taskrun: str) -> None:
         """Tekton picked the TaskRun up: a pod, a start time, Succeeded=Unknown/Running."""

@@ -20,7 +20,7 @@ from kubernetes import client
 
 from tests.conftest import Cluster
 from tests.support import Agent, OperatorProcess, create_order, wait_for
-from tests.tekton import ERROR_MESSAGE_RESULT, ERROR_REASON_RESULT, KANIKO_BUILD, Step, Tekton
+from tests.tekton import ERROR_MESSAGE_RESULT, ERROR_REASON_RESULT, KANIKO_BUILD, Step, Tekton, shipwright_object
 from workorder_operator import envtest, lifecycle
 from workorder_operator.build import PERMANENT_REASONS, RETRYABLE_REASONS
 from workorder_operator.kube import WorkOrders
@@ -45,15 +45,7 @@ def build_order(cluster: Cluster, namespace: str, name: str, content: str, **spe
 
 
 def get(cluster: Cluster, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
-    try:
-        obj: dict[str, Any] = client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, plural, name
-        )
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return obj
+    return shipwright_object(cluster.api, namespace, plural, name)
 
 
 def succeeded(buildrun: dict[str, Any] | None) -> dict[str, Any]:
@@ -92,9 +84,9 @@ def run_build(cluster: Cluster, namespace: str, name: str, attempt: int = 1, cre
         build_order(cluster, namespace, name, KANIKO_BUILD.format(name=f"{name}-build"), **spec)
     buildrun = f"{name}-{attempt}"
     tekton = Tekton(cluster.api, namespace)
-    taskrun = wait_for(lambda: tekton.taskrun(buildrun), timeout=30, what=f"Shipwright's TaskRun for {buildrun}")
-    tekton.start(taskrun["metadata"]["name"])
-    running = Running(cluster, namespace, name, buildrun, taskrun["metadata"]["name"], tekton)
+    taskrun = tekton.wait_taskrun(buildrun)
+    tekton.start(taskrun)
+    running = Running(cluster, namespace, name, buildrun, taskrun, tekton)
     wait_for(lambda: succeeded(get(cluster, namespace, BUILDRUNS, buildrun)).get("status") == "Unknown",
              timeout=30, what="Shipwright to report the BuildRun running")  # fmt: skip
     return running
@@ -107,14 +99,16 @@ def test_build_succeeds_with_the_image_digest(cluster: Cluster, namespace: str, 
     assert built["status"]["registered"] == "True" and built["status"]["reason"] == "Succeeded"
     owner = built["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "WorkOrder" and owner["name"] == "app" and not owner.get("controller")
+    assert any(m["manager"] == "workorder-operator" for m in built["metadata"]["managedFields"])
     br = get(cluster, namespace, BUILDRUNS, "app-1")
     assert br is not None and br["spec"]["build"]["name"] == "app-build"
+    uid = order_of(cluster, namespace, "app").uid
+    ours = {"workorder.dev/order": "app", "workorder.dev/order-uid": uid, "workorder.dev/attempt": "1"}
     labels = br["metadata"]["labels"]
-    # Ours are there; Shipwright adds its own beside them.
-    assert labels["workorder.dev/order"] == "app" and labels["workorder.dev/attempt"] == "1"
-    assert labels["build.shipwright.io/name"] == "app-build"
-    assert any(o["kind"] == "WorkOrder" and o["uid"] == order_of(cluster, namespace, "app").uid
-               for o in br["metadata"]["ownerReferences"])  # fmt: skip
+    assert ours.items() <= labels.items()
+    assert labels["build.shipwright.io/name"] == "app-build"  # Shipwright's controller adds its own
+    # Ours, and (retention.atBuildDeletion) the controller reference Shipwright adds from the Build.
+    assert any(o["kind"] == "WorkOrder" and o["uid"] == uid for o in br["metadata"]["ownerReferences"])
     assert order_of(cluster, namespace, "app").status.phase == "Claimed"
     run.tekton.succeed(run.taskrun, DIGEST, SIZE)
     done = wait_for(lambda: phase(cluster, namespace, "app", "Completed"), timeout=30)

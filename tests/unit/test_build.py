@@ -22,6 +22,7 @@ from workorder_operator.build import (
     buildrun_name,
     buildrun_outcome,
     buildrun_started,
+    label_value,
     parse_content,
     registration,
 )
@@ -439,6 +440,24 @@ def test_values_json_cannot_carry_are_refused(rest: str, path: str) -> None:
     assert refused(build_doc(rest=rest)) == (
         f'document 1 (Build "app"): the value at {path} cannot be sent to the API as JSON'
     )
+
+
+# --- label values -----------------------------------------------------------------------------
+
+LABEL_VALUE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+
+
+def test_an_order_name_that_fits_is_its_own_label_value() -> None:
+    assert label_value("app") == "app"
+    assert label_value("a" * 63) == "a" * 63
+
+
+@pytest.mark.parametrize("name", ["a" * 64, "x" * 253, "team.build." + "a" * 200, "a" * 54 + "-" * 5 + "b" * 10])
+def test_a_long_order_name_becomes_a_valid_label_value_unique_per_name(name: str) -> None:
+    value = label_value(name)
+    assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), value
+    assert label_value(name + "z") != value
+    assert value.startswith(name[:20])
 
 
 # --- buildrun_name ---------------------------------------------------------------------------
