@@ -22,7 +22,7 @@ from tests.conftest import Cluster
 from tests.support import Agent, OperatorProcess, create_order, wait_for
 from tests.tekton import ERROR_MESSAGE_RESULT, ERROR_REASON_RESULT, KANIKO_BUILD, Step, Tekton, shipwright_object
 from workorder_operator import envtest, lifecycle
-from workorder_operator.build import PERMANENT_REASONS, RETRYABLE_REASONS
+from workorder_operator.build import PERMANENT_REASONS, RETRYABLE_REASONS, buildrun_name
 from workorder_operator.kube import WorkOrders
 from workorder_operator.model import WorkOrder, utcnow
 from workorder_operator.shipwright import BUILDRUNS, BUILDS, GROUP, VERSION
@@ -77,12 +77,13 @@ class Running:
 
 
 def run_build(cluster: Cluster, namespace: str, name: str, attempt: int = 1, create: bool = True,
-              **spec: Any) -> Running:  # fmt: skip
-    """Create the order (unless `create` is False) and wait until its attempt's TaskRun runs."""
+              build: str = "", **spec: Any) -> Running:  # fmt: skip
+    """Create the order (unless `create` is False) with the Build `build` (default `<name>-build`) and
+    wait until its attempt's TaskRun runs."""
     cluster.need_shipwright()
     if create:
-        build_order(cluster, namespace, name, KANIKO_BUILD.format(name=f"{name}-build"), **spec)
-    buildrun = f"{name}-{attempt}"
+        build_order(cluster, namespace, name, KANIKO_BUILD.format(name=build or f"{name}-build"), **spec)
+    buildrun = buildrun_name(name, attempt)
     tekton = Tekton(cluster.api, namespace)
     taskrun = tekton.wait_taskrun(buildrun)
     tekton.start(taskrun)
@@ -115,6 +116,18 @@ def test_build_succeeds_with_the_image_digest(cluster: Cluster, namespace: str, 
     assert done.status.result == DIGEST and done.status.attempt == 1
     output = run.buildrun_status()["output"]
     assert output == {"digest": DIGEST, "size": SIZE}
+
+
+def test_an_order_name_longer_than_a_label_value_builds(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    # Names may be 253 long; label values (Shipwright copies the BuildRun's name into one) only 63.
+    name = "a-very-long-order-name-" + "x" * 80
+    run = run_build(cluster, namespace, name, build="long-build")
+    assert len(run.buildrun) <= 63
+    run.tekton.succeed(run.taskrun, DIGEST, SIZE)
+    done = wait_for(lambda: phase(cluster, namespace, name, "Completed"), timeout=30)
+    assert done.status.result == DIGEST and done.status.retry_count == 0
 
 
 STRATEGY_MISSING = [

@@ -191,7 +191,13 @@ def test_an_order_never_takes_over_an_existing_build(
 ) -> None:
     objs = client.CustomObjectsApi(cluster.api)
     objs.create_namespaced_custom_object("shipwright.io", "v1beta1", namespace, BUILDS, PROD_BUILD)
-    before = objs.get_namespaced_custom_object("shipwright.io", "v1beta1", namespace, BUILDS, "prod-app")
+
+    # Shipwright's controller registers it first (its own status write); after that, nobody writes.
+    def registered() -> dict[str, Any] | None:
+        build = shipwright_object(cluster.api, namespace, BUILDS, "prod-app")
+        return build if build and (build.get("status") or {}).get("registered") else None
+
+    before = wait_for(registered, timeout=30, what="Shipwright's registration")
     create_as(creator, namespace, {**build_body("takeover", ATTACK), "spec": {
         "workType": "build", "yamlContent": ATTACK, "maxRetries": 3}})  # fmt: skip
     failed = wait_for(lambda: phase(cluster, namespace, "takeover", "Failed"), timeout=30, what="the order to fail")
@@ -246,7 +252,7 @@ def test_a_buildrun_that_is_not_the_attempts_own_never_lends_its_outcome(
         "shipwright.io", "v1beta1", namespace, BUILDRUNS, "reuse-1",
         {"status": {"completionTime": "2026-01-01T00:00:00Z", "output": {"digest": FAKE_DIGEST},
                     "conditions": [{"type": "Succeeded", "status": "True", "reason": "Succeeded",
-                                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
+                                    "message": "planted", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
         _content_type="application/merge-patch+json",
     )  # fmt: skip
     create_as(creator, namespace, build_body("reuse", KANIKO_BUILD.format(name="reuse-build")))
