@@ -130,25 +130,28 @@ def test_an_order_name_longer_than_a_label_value_builds(
     assert done.status.result == DIGEST and done.status.retry_count == 0
 
 
-STRATEGY_MISSING = [
-    ("ClusterBuildStrategy", "no-such-strategy", "ClusterBuildStrategyNotFound"),
-    ("BuildStrategy", "kaniko", "BuildStrategyNotFound"),
-]
+STRATEGY = "    name: kaniko\n    kind: ClusterBuildStrategy\n"
+OUTPUT = "  output:\n"
+# (reason Shipwright registers, what to change in the Build, what the message names)
+UNREGISTERED = [
+    ("ClusterBuildStrategyNotFound", (STRATEGY, "    name: no-such-strategy\n    kind: ClusterBuildStrategy\n"),
+     "no-such-strategy"),
+    ("BuildStrategyNotFound", (STRATEGY, "    name: kaniko\n    kind: BuildStrategy\n"), "kaniko"),
+    ("SpecOutputSecretRefNotFound", (OUTPUT, "  output:\n    pushSecret: no-such-secret\n"), "no-such-secret"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("kind", "strategy", "reason"), STRATEGY_MISSING, ids=[c[2] for c in STRATEGY_MISSING])
+@pytest.mark.parametrize(("reason", "change", "named"), UNREGISTERED, ids=[c[0] for c in UNREGISTERED])
 def test_registration_failure_fails_the_order_with_shipwrights_reason(
-    cluster: Cluster, namespace: str, operator: OperatorProcess, kind: str, strategy: str, reason: str
+    cluster: Cluster, namespace: str, operator: OperatorProcess, reason: str, change: tuple[str, str], named: str
 ) -> None:
     cluster.need_shipwright()
-    content = KANIKO_BUILD.format(name="bad-build").replace(
-        "    name: kaniko\n    kind: ClusterBuildStrategy\n", f"    name: {strategy}\n    kind: {kind}\n"
-    )
+    content = KANIKO_BUILD.format(name="bad-build").replace(*change)
     build_order(cluster, namespace, "badbuild", content, maxRetries=3)
     failed = wait_for(lambda: phase(cluster, namespace, "badbuild", "Failed", "RetryPending"), timeout=30)
     assert failed.status.phase == "Failed" and failed.status.retry_count == 0
     assert reason in (failed.status.result or ""), failed.status.result
-    assert strategy in (failed.status.result or "")
+    assert named in (failed.status.result or "")
     assert get(cluster, namespace, BUILDRUNS, "badbuild-1") is None
 
 
