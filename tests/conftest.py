@@ -38,6 +38,11 @@ class Cluster:
             pytest.skip(
                 "needs Shipwright's controller: run `make binaries` (or TEST_SHIPWRIGHT=1 on a cluster with one)"
             )
+        proc = self.plane.processes.get(envtest.SHIPWRIGHT_CONTROLLER) if self.plane is not None else None
+        if self.plane is not None and proc is not None and proc.poll() is not None:
+            # Say so, instead of letting every later wait time out.
+            log = (self.plane.directory / f"{envtest.SHIPWRIGHT_CONTROLLER}.log").read_text(errors="replace")
+            pytest.fail(f"Shipwright's controller exited with {proc.returncode}:\n{log[-3000:]}")
 
     def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
         if self.plane is None:
