@@ -68,11 +68,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         api = config.new_client_from_config(str(kubeconfig))
         envtest.install_crds(api, envtest.workorder_crds())
-        envtest.install_shipwright(api)
-        shipwright = os.environ.get("TEST_SHIPWRIGHT") == "1"
+        shipwright = False
         if plane is not None and envtest.shipwright_binary() is not None:
-            plane.start_shipwright()
+            plane.start_shipwright()  # installs Shipwright's and Tekton's APIs first
             shipwright = True
+        else:
+            envtest.install_shipwright(api)
+            shipwright = os.environ.get("TEST_SHIPWRIGHT") == "1"
         yield Cluster(kubeconfig, api, plane, shipwright)
     finally:
         if plane is not None:
