@@ -53,6 +53,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     build.add_argument(
         "--build-registration-timeout", type=float, default=300.0, help="seconds to wait for a Build to register"
     )
+    build.add_argument(
+        "--buildrun-start-timeout", type=float, default=300.0,
+        help="seconds to wait for a BuildRun to start before cancelling it (retryable BuildRunNotStarted)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -88,7 +92,10 @@ def executors_from(
             # only in the namespaces the operator watches.
             namespaces=settings.namespaces,
         )
-        executor = BuildExecutor(api, OPERATOR_MANAGER, registration_timeout=args.build_registration_timeout)
+        executor = BuildExecutor(
+            api, OPERATOR_MANAGER, registration_timeout=args.build_registration_timeout,
+            buildrun_start_timeout=args.buildrun_start_timeout,
+        )  # fmt: skip
         executors.register(ExecutorAgent(api, executor, config))
     return executors
 

@@ -38,10 +38,10 @@ from kubernetes import client, config
 
 from devcluster import envtest
 from tests.conftest import Cluster
-from tests.shipwright_sim import KANIKO_BUILD
 from tests.support import CRDS, OperatorProcess, create_order, wait_for
 from tests.support import Agent as Claimer
 from tests.support import RunningAgent as Running
+from tests.tekton import KANIKO_BUILD
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent, Claim, Failure
 from workorder_operator.errors import Refused, WorkOrderError

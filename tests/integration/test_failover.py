@@ -24,8 +24,8 @@ from kubernetes import client, config, watch
 
 from devcluster import envtest
 from tests.conftest import Cluster
-from tests.shipwright_sim import KANIKO_BUILD
 from tests.support import CRDS, Agent, OperatorProcess, RunningAgent, create_order, leader_of, replicas, wait_for
+from tests.tekton import KANIKO_BUILD
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent as SdkAgent
 from workorder_operator.agent import Claim, ClaimLost
