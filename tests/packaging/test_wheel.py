@@ -33,7 +33,7 @@ def test_base_install_for_agent_authors_and_the_operator_extra(wheel: Path, tmp_
     bin_ = tmp_path / "v" / "bin"
     pip = (bin_ / "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check")
     run(*pip, wheel)
-    assert "usage: kubectl-workorder" in run(bin_ / "kubectl-workorder", "--help").stdout
+    assert "usage: kubectl workorder" in run(bin_ / "kubectl-workorder", "--help").stdout  # kubectl plugin style
     run(bin_ / "python", "-c", "from workorder_operator.agent import Agent, Failure; import workorder_operator.kube")
     installed = run(bin_ / "pip", "list", "--format=freeze").stdout.lower()
     for absent in ("kopf", "prometheus-client", "cryptography", "pytest"):  # (kubernetes itself needs aiohttp)
