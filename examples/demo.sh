@@ -15,9 +15,17 @@ python -m devcluster.envtest crds --crds crds >/dev/null
 kubectl delete namespace "$ns" --ignore-not-found --wait=true >/dev/null
 kubectl create namespace "$ns" >/dev/null
 
-say "operator starting (log: .local/demo-operator.log)"
-workorder-operator -n "$ns" --no-leader-election > .local/demo-operator.log 2>&1 & pids+=($!)
-sleep 3
+# One operator acts, ever: if one already leads (e.g. `make run` in another terminal, same Lease
+# default/workorder-operator), the demo uses it; otherwise it starts its own under the same Lease.
+holder=$(kubectl get lease workorder-operator -n default -o jsonpath='{.spec.holderIdentity} {.spec.renewTime}' 2>/dev/null || true)
+renewed=${holder#* }
+if [ -n "${holder%% *}" ] && [ -n "$renewed" ] && [ $(( $(date +%s) - $(date -d "$renewed" +%s) )) -lt 20 ]; then
+  say "using the operator already running (${holder%% *}, e.g. make run): its log is in its own terminal"
+else
+  say "operator starting (log: .local/demo-operator.log)"
+  workorder-operator -n "$ns" --leader-election-namespace default > .local/demo-operator.log 2>&1 & pids+=($!)
+  for _ in $(seq 1 120); do grep -q "is the leader" .local/demo-operator.log && break; sleep 0.5; done
+fi
 
 say "watch along:  kubectl --kubeconfig .local/kubeconfig get wo -n $ns -w"
 sleep 3
