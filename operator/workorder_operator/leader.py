@@ -26,11 +26,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import urllib3
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from workorder_operator.kube import timeout
+from workorder_operator.errors import Conflict, NotFound, WorkOrderError
+from workorder_operator.kube import timeout, translated
 from workorder_operator.model import format_time, utcnow
 from workorder_operator.settings import LeaseConfig
 
@@ -104,10 +103,9 @@ class LeaderElection:
             return timeout(left)
 
         try:
-            lease = self.leases.read_namespaced_lease(cfg.name, cfg.namespace, _request_timeout=budget())
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+            with translated():
+                lease = self.leases.read_namespaced_lease(cfg.name, cfg.namespace, _request_timeout=budget())
+        except NotFound:
             body = {
                 "metadata": {"name": cfg.name, "namespace": cfg.namespace},
                 "spec": {
@@ -119,11 +117,10 @@ class LeaderElection:
                 },
             }
             try:
-                self.leases.create_namespaced_lease(cfg.namespace, body, _request_timeout=budget())
-            except ApiException as create_exc:
-                if create_exc.status == 409:
-                    return False  # another candidate created it first
-                raise
+                with translated():
+                    self.leases.create_namespaced_lease(cfg.namespace, body, _request_timeout=budget())
+            except Conflict:
+                return False  # another candidate created it first
             self._renewed_at = started
             return True
         spec = lease.spec
@@ -147,11 +144,10 @@ class LeaderElection:
             },
         }  # fmt: skip
         try:
-            self.leases.replace_namespaced_lease(cfg.name, cfg.namespace, body, _request_timeout=budget())
-        except ApiException as exc:
-            if exc.status == 409:
-                return False  # someone else wrote the lease between our read and write
-            raise
+            with translated():
+                self.leases.replace_namespaced_lease(cfg.name, cfg.namespace, body, _request_timeout=budget())
+        except Conflict:
+            return False  # someone else wrote the lease between our read and write
         if time.monotonic() > deadline:
             return False  # the answer came too late to count: we have stepped down meanwhile
         self._renewed_at = started
@@ -161,14 +157,13 @@ class LeaderElection:
         """Give the lease up on a clean shutdown, so a standby takes over at once."""
         cfg = self.config
         try:
-            lease = self.leases.read_namespaced_lease(cfg.name, cfg.namespace, _request_timeout=timeout())
-            if lease.spec.holder_identity != self.identity:
-                return
-            lease.spec.holder_identity = ""
-            lease.spec.lease_duration_seconds = 1
-            self.leases.replace_namespaced_lease(cfg.name, cfg.namespace, lease, _request_timeout=timeout())
+            with translated():
+                lease = self.leases.read_namespaced_lease(cfg.name, cfg.namespace, _request_timeout=timeout())
+                if lease.spec.holder_identity != self.identity:
+                    return
+                lease.spec.holder_identity = ""
+                lease.spec.lease_duration_seconds = 1
+                self.leases.replace_namespaced_lease(cfg.name, cfg.namespace, lease, _request_timeout=timeout())
             log.info("leader election: %s released the lease", self.identity)
-        except ApiException as exc:
-            log.warning("leader election: could not release the lease: %s", exc.reason)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            log.warning("leader election: could not release the lease: %s", exc)
+        except WorkOrderError as exc:
+            log.warning("leader election: could not release the lease: %s", exc.reason or exc)
