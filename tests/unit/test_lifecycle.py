@@ -659,3 +659,75 @@ def test_json_patch_of_an_operator_write_tests_the_whole_status() -> None:
         {"op": "test", "path": "/status", "value": body["status"]},
         {"op": "add", "path": "/status", "value": write.status},
     ]
+
+
+# --- what mutation testing asked for (make mutation) --------------------------------------------
+
+
+def test_a_result_over_the_schema_limit_keeps_its_end() -> None:
+    # The schema refuses a longer result with 422: the order would stay Claimed and run again.
+    result = "x" * 100 + "y" * lc.RESULT_LIMIT
+    s = lc.complete(read(claimed()), AGENT_A, 1, result, NOW).status
+    assert s["result"] == "y" * lc.RESULT_LIMIT
+    assert lc.RESULT_LIMIT == 16384
+    short = lc.complete(read(claimed()), AGENT_A, 1, "sha256:feed", NOW).status
+    assert short["result"] == "sha256:feed"
+
+
+def with_generation(body: dict[str, Any], generation: int) -> dict[str, Any]:
+    return {**body, "metadata": {**body["metadata"], "generation": generation}}
+
+
+def test_every_status_write_records_the_generation_it_saw() -> None:
+    # A generation the stored status does not hold yet: each write must bring it, in the
+    # status and in every condition (kstatus reads both).
+    body = with_generation(claimed(), 4)
+    order = read(body)
+    writes = [
+        lc.complete(order, AGENT_A, 1, "ok", NOW),
+        lc.fail(order, AGENT_A, 1, "boom", NOW),
+        lc.fail(order, AGENT_A, 1, "boom", NOW, retryable=False),
+        lc.release(order, AGENT_A, 1, NOW),
+        lc.expire(order, NOW + seconds(3600)),
+        lc.claim(read(with_generation(pending(), 4)), A, NOW),
+        lc.initialise(make_order(status=CRD_DEFAULT_STATUS).model_copy(update={"generation": 4}), T_INIT),
+        lc.due(read(with_generation(retry_pending(), 4)), NOW + seconds(120)),
+        lc.requeue(read(with_generation(failed(), 4)), NOW),
+        lc.waiting(read(with_generation(pending(), 4)), "NoAgent", "no agent", NOW),
+    ]
+    for write in writes:
+        assert write.status["observedGeneration"] == 4, write.transition
+        assert {c["observedGeneration"] for c in write.status["conditions"]} == {4}, write.transition
+
+
+def test_ttl_counts_from_completion_not_from_the_last_status_change() -> None:
+    body = claimed({"ttlSecondsAfterFinished": 60})
+    done = store(body, lc.complete(read(body), AGENT_A, 1, "ok", NOW))
+    # A later write (conditions brought up to date, say) moves updatedAt, not the TTL.
+    touched = with_status(done, updatedAt=format_time(NOW + seconds(500)))
+    assert lc.plan(read(touched)) == Plan(Action.DELETE, NOW + seconds(60))
+    # Without completedAt (written by a minimal agent), the last change is the best guess.
+    bare = with_status(touched, completedAt=None)
+    assert lc.plan(read(bare)) == Plan(Action.DELETE, NOW + seconds(560))
+
+
+FAR = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+
+
+def test_far_dates_saturate_instead_of_overflowing() -> None:
+    # Any valid date may be stored; a deadline past year 9999 is "never", not an OverflowError.
+    renewed_far = read(with_status(claimed(), renewedAt=format_time(FAR)))
+    assert lc.claim_deadline(renewed_far) == lc.FAR_FUTURE
+    assert lc.plan(renewed_far) == Plan(Action.EXPIRE, lc.FAR_FUTURE)
+    with pytest.raises(TransitionError):
+        lc.expire(renewed_far, FAR)
+    body = claimed({"ttlSecondsAfterFinished": 60})
+    done_far = store(body, lc.complete(read(body), AGENT_A, 1, "ok", NOW))
+    finished_far = read(with_status(done_far, completedAt=format_time(FAR)))
+    assert lc.plan(finished_far) == Plan(Action.DELETE, lc.FAR_FUTURE)
+    assert lc.FAR_FUTURE == dt.datetime.max.replace(tzinfo=dt.UTC)
+    # Just below the edge, the sum is exact.
+    near = dt.datetime(9999, 12, 31, 23, 0, 0, tzinfo=dt.UTC)
+    assert lc.claim_deadline(read(with_status(claimed({"claimTimeoutSeconds": 60}), renewedAt=format_time(near)))) == (
+        near + seconds(60)
+    )
