@@ -109,8 +109,11 @@ def main(argv: list[str]) -> int:
     unexplained = sorted(alive - listed.keys())
     stale = sorted(n for n in listed if found.get(n) in (None, *DETECTED))
     killed = sum(1 for s in found.values() if s in DETECTED)
-    print(f"\nmutation score ({', '.join(modules)}): {killed} of {len(found)} mutants killed, "
-          f"{len(alive & listed.keys())} equivalent (tests/mutation-equivalents.txt), {len(unexplained)} unexplained")  # fmt: skip
+    equivalent = len(alive & listed.keys())
+    print(
+        f"\nmutation score ({', '.join(modules)}): {killed} of {len(found)} mutants killed, "
+        f"{equivalent} equivalent (tests/mutation-equivalents.txt), {len(unexplained)} unexplained"
+    )
     for name in unexplained:
         print(f"  unexplained {found[name]}: {name}   (mutmut show {name}, in .mutation/{name.split('.')[1]}/)")
     for name in stale:

@@ -725,7 +725,7 @@ def test_far_dates_saturate_instead_of_overflowing() -> None:
     done_far = store(body, lc.complete(read(body), AGENT_A, 1, "ok", NOW))
     finished_far = read(with_status(done_far, completedAt=format_time(FAR)))
     assert lc.plan(finished_far) == Plan(Action.DELETE, lc.FAR_FUTURE)
-    assert lc.FAR_FUTURE == dt.datetime.max.replace(tzinfo=dt.UTC)
+    assert dt.datetime.max.replace(tzinfo=dt.UTC) == lc.FAR_FUTURE
     # Just below the edge, the sum is exact.
     near = dt.datetime(9999, 12, 31, 23, 0, 0, tzinfo=dt.UTC)
     assert lc.claim_deadline(read(with_status(claimed({"claimTimeoutSeconds": 60}), renewedAt=format_time(near)))) == (
