@@ -170,19 +170,42 @@ def test_targeting_decides_who_is_offered_and_who_can_claim(
 # --- offer order ----------------------------------------------------------------------------------
 
 
+def create_in_one_second(cluster: Cluster, namespace: str, specs: dict[str, dict[str, Any]]) -> None:
+    """Create the orders so that they share one creationTimestamp (1 s resolution): if a second
+    boundary falls between them, delete them and try again."""
+    objects = client.CustomObjectsApi(cluster.api)
+
+    def absent(name: str) -> bool:
+        try:
+            objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    for _ in range(10):
+        created = [create_order(cluster.api, namespace, name, **spec) for name, spec in specs.items()]
+        if len({c["metadata"]["creationTimestamp"] for c in created}) == 1:
+            return
+        for name in specs:
+            objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        for name in specs:
+            wait_for(lambda n=name: absent(n), timeout=10, what=f"{name} to be deleted")  # type: ignore[misc]
+    raise AssertionError(f"could not create {list(specs)} within one second")
+
+
 def test_orders_are_offered_by_priority_then_oldest_first(
     cluster: Cluster, namespace: str, make_agent: Callable[..., Agent]
 ) -> None:
     # Names run against age, so a name tie-break alone would give the wrong order. Creation
-    # timestamps have a resolution of one second: orders whose age must count are 1.1 s apart.
+    # timestamps have a resolution of one second: orders whose age must count are 1.1 s apart,
+    # and the two whose name must decide are made in the same second.
     create_order(cluster.api, namespace, "a-low", priority=-1)
     create_order(cluster.api, namespace, "z-old", priority=0)
     time.sleep(1.1)
     create_order(cluster.api, namespace, "m-mid", priority=0)
     time.sleep(1.1)
     create_order(cluster.api, namespace, "a-new", priority=0)
-    create_order(cluster.api, namespace, "y-high", priority=7)
-    create_order(cluster.api, namespace, "b-high", priority=7)  # same second as y-high: name decides
+    create_in_one_second(cluster, namespace, {"y-high": {"priority": 7}, "b-high": {"priority": 7}})
     expected = ["b-high", "y-high", "z-old", "m-mid", "a-new", "a-low"]
 
     agent = make_agent()
@@ -257,7 +280,6 @@ def test_eight_agents_race_over_500_orders_each_runs_exactly_once(
     agents = [make_agent() for _ in range(8)]
     runners = [Running(a, handler, concurrency=2, shutdown_grace=5) for a in agents]
     creating = [threading.Thread(target=create, args=(p,), name=f"test-create-{p}") for p in range(creators)]
-    started = time.monotonic()
     try:
         for runner in runners:
             runner.start()
@@ -269,8 +291,8 @@ def test_eight_agents_race_over_500_orders_each_runs_exactly_once(
         def completed() -> bool:
             return sum(o.status.phase == "Completed" for o in all_orders(cluster, namespace)) == total
 
-        wait_for(completed, timeout=60, interval=0.5, what=f"all {total} orders Completed")
-        elapsed = time.monotonic() - started
+        # Throughput is a benchmark (make bench); here the bound only keeps a stuck run short.
+        wait_for(completed, timeout=120, interval=0.5, what=f"all {total} orders Completed")
     finally:
         for runner in runners:
             runner.stop.set()
@@ -293,7 +315,6 @@ def test_eight_agents_race_over_500_orders_each_runs_exactly_once(
     assert len({who[0] for who in executions.values()}) > 1, "one agent did all the work"
     complaints = [r.getMessage() for r in caplog.records if r.name.startswith("workorder_operator.agent")]
     assert not complaints, "the agents complained"
-    assert elapsed < 60, elapsed
 
 
 # --- claims over time -----------------------------------------------------------------------------
