@@ -731,3 +731,148 @@ def test_far_dates_saturate_instead_of_overflowing() -> None:
     assert lc.claim_deadline(read(with_status(claimed({"claimTimeoutSeconds": 60}), renewedAt=format_time(near)))) == (
         near + seconds(60)
     )
+
+
+# What each transition says: the name and message become the Event's reason and message and the
+# log line, the conditions' message, and `kubectl workorder` errors; a person reads them.
+def test_what_each_transition_says() -> None:
+    body = claimed({"maxRetries": 3})
+    order = read(body)
+    said = {
+        "claim": lc.claim(read(pending()), A, NOW),
+        "renew": lc.renew(order, AGENT_A, 1, NOW),
+        "complete": lc.complete(order, AGENT_A, 1, "ok", NOW),
+        "fail": lc.fail(order, AGENT_A, 1, "boom", NOW),
+        "release": lc.release(order, AGENT_A, 1, NOW, "shutting down"),
+        "expire": lc.expire(order, NOW + seconds(3600)),
+        "due": lc.due(read(retry_pending()), NOW + seconds(120)),
+        "requeue": lc.requeue(read(failed()), NOW),
+        "initialise": lc.initialise(make_order(status=CRD_DEFAULT_STATUS), T_INIT),
+        "reject": lc.initialise(make_order(status=CRD_DEFAULT_STATUS), T_INIT, "document 1: kind Pod"),
+        "waiting": lc.waiting(read(pending()), "NoBuildAgent", "no build agent runs", NOW),
+    }
+    due = format_time(NOW + seconds(120))
+    assert {name: (w.transition, w.message) for name, w in said.items()} == {
+        "claim": ("claim", f"claimed by agent {AGENT_A} (attempt 1)"),
+        "renew": ("renew", ""),
+        "complete": ("complete", f"completed by agent {AGENT_A} in attempt 1"),
+        "fail": ("fail", f"attempt 1 failed: boom; retry 1 of 3 after {due}"),
+        "release": ("release", f"released by agent {AGENT_A}: shutting down"),
+        "expire": (
+            "expire",
+            f"claim of agent {AGENT_A} (attempt 1) expired: no renewal within 3600s",
+        ),
+        "due": ("due", "retry 1 of 3 due: waiting for an agent"),
+        "requeue": ("requeue", "requeued after failure"),
+        "initialise": ("initialise", "waiting for an agent"),
+        "reject": ("reject", "rejected: document 1: kind Pod"),
+        "waiting": ("waiting", "no build agent runs"),
+    }
+    for name, write in said.items():
+        if name != "renew":  # a renewal changes no condition
+            assert {c["message"] for c in write.status["conditions"]} == {write.message}, name
+
+
+def test_what_a_final_failure_says() -> None:
+    order = read(claimed({"maxRetries": 3}))
+    assert lc.fail(order, AGENT_A, 1, "bad input", NOW, retryable=False).message == (
+        "attempt 1 failed (not retryable): bad input"
+    )
+    used_up = read(with_status(claimed({"maxRetries": 3}), retryCount=3))
+    assert lc.fail(used_up, AGENT_A, 1, "boom", NOW).message == "attempt 1 failed (3 retries used up): boom"
+    # A second retry says so.
+    second = read(with_status(claimed({"maxRetries": 3}), retryCount=1))
+    assert lc.fail(second, AGENT_A, 1, "boom", NOW).message == (
+        f"attempt 1 failed: boom; retry 2 of 3 after {format_time(NOW + seconds(240))}"
+    )
+
+
+def test_an_empty_error_still_says_it_failed() -> None:
+    s = lc.fail(read(claimed()), AGENT_A, 1, "", NOW).status
+    assert s["lastError"] == "failed"
+    assert s["history"][-1]["message"] == "failed"
+
+
+def test_a_release_without_reason_says_only_who() -> None:
+    write = lc.release(read(claimed()), AGENT_A, 1, NOW)
+    assert write.message == f"released by agent {AGENT_A}"
+    assert "message" not in write.status["history"][-1]
+
+
+def test_refusals_say_what_the_order_is_and_what_it_should_be() -> None:
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Claimed, not Pending$"):
+        lc.claim(read(claimed()), B, NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is not initialised, not Failed$"):
+        lc.requeue(make_order(status={}), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Pending, not Claimed$"):
+        lc.expire(read(pending()), NOW)
+    with pytest.raises(TransitionError) as wrong_holder:
+        lc.complete(read(claimed()), AGENT_B, 1, "ok", NOW)
+    assert str(wrong_holder.value) == (
+        f"team-a/wo-1: the claim is now attempt 1 of agent {AGENT_A}, not attempt 1 of {AGENT_B}"
+    )
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is already initialised \(Pending\)$"):
+        lc.initialise(read(pending()), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1: the claim has not expired yet$"):
+        lc.expire(read(claimed()), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1: targeting does not admit agent "):
+        lc.claim(read(pending({"targeting": {"agentIds": [AGENT_A]}})), B, NOW)
+    when = format_time(NOW + seconds(120))
+    with pytest.raises(TransitionError, match=rf"^team-a/wo-1: retry not due until {when}$"):
+        lc.due(read(retry_pending()), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Claimed, not Pending$"):
+        lc.waiting(read(claimed()), "NoBuildAgent", "m", NOW)
+
+
+def test_waiting_says_why_on_a_pending_order_and_leaves_it_claimable() -> None:
+    body = pending()
+    write = lc.waiting(read(body), "NoBuildAgent", "no build agent runs", NOW)
+    assert write.guards == {"/status": body["status"]}
+    s = write.status
+    assert (s["phase"], s["attempt"], s["retryCount"]) == ("Pending", 0, 0)
+    assert {c["reason"] for c in s["conditions"]} == {"NoBuildAgent"}
+    assert condition_states(s) == {"Succeeded": "Unknown", "Reconciling": "True", "Stalled": "False"}
+    assert s["updatedAt"] == format_time(NOW)
+    claimed_after = store(body, write)
+    assert read(store(claimed_after, lc.claim(read(claimed_after), A, NOW))).status.phase == "Claimed"
+
+
+def test_leftovers_of_a_minimal_agent_are_cleared_by_the_next_transition() -> None:
+    # An agent in another language writes only the transitions table: fields it leaves behind
+    # must not survive into a state where they mean something else.
+    stale = format_time(NOW - seconds(60))
+    leftover = with_status(pending(), renewedAt=stale, nextRetryAfter=stale)
+    s = lc.claim(read(leftover), A, NOW).status
+    assert "renewedAt" not in s
+    done = lc.complete(read(with_status(claimed(), nextRetryAfter=stale)), AGENT_A, 1, "ok", NOW).status
+    assert "nextRetryAfter" not in done
+    requeued = lc.requeue(read(with_status(failed(), nextRetryAfter=stale)), NOW).status
+    assert "nextRetryAfter" not in requeued
+
+
+def test_a_claim_records_who_claimed_it() -> None:
+    s = lc.claim(read(pending()), A, NOW, user="system:serviceaccount:team-a:builder").status
+    assert s["claimedByUser"] == "system:serviceaccount:team-a:builder"
+    assert "claimedByUser" not in lc.claim(read(pending()), A, NOW).status
+    # The next transition away from Claimed clears it with the rest of the claim.
+    body = store(pending(), lc.claim(read(pending()), A, NOW, user="u"))
+    assert "claimedByUser" not in lc.release(read(body), AGENT_A, 1, NOW).status
+
+
+def test_initialise_writes_the_counters_even_when_the_defaults_are_missing() -> None:
+    # No status at all (an API server that does not apply the CRD's status defaults).
+    s = lc.initialise(make_order(status={}), T_INIT).status
+    assert (s["attempt"], s["retryCount"]) == (0, 0)
+    r = lc.initialise(make_order(status={}), T_INIT, "document 1: kind Pod").status
+    assert (r["phase"], r["attempt"], r["retryCount"]) == ("Failed", 0, 0)
+
+
+def test_a_claim_without_any_time_counts_from_the_order_creation() -> None:
+    odd = read(with_status(claimed({"claimTimeoutSeconds": 60}), claimedAt=None, renewedAt=None))
+    assert lc.claim_deadline(odd) == CREATED + seconds(60)
+
+
+def test_an_expiry_keeps_its_reason_in_the_history() -> None:
+    write = lc.expire(read(claimed()), NOW + seconds(3600))
+    assert write.status["history"][-1]["message"] == write.message
+    assert write.status["lastError"] == write.message
