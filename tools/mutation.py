@@ -61,7 +61,7 @@ def stage(module: str) -> Path:
 def mutate(module: str) -> dict[str, str]:
     """Run mutmut on one module; mutant name -> status."""
     where = stage(module)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", WORKORDER_HYPOTHESIS_PROFILE="mutation")
     # One child, lowest priority: the machine is shared, and mutation testing is never urgent.
     run = subprocess.run(["nice", "-n", "19", "mutmut", "run", "--max-children", "1"], cwd=where, env=env)
     if run.returncode != 0:
