@@ -1,5 +1,6 @@
 # workorder-operator image: `docker build -t workorder-operator:0.1.0 .` (deploy/ expects that tag).
-# Two stages: the first builds the wheel and installs it with its dependencies into a virtualenv;
+# Two stages: the first builds the wheel and installs it with the operator's dependencies (the
+# `operator` extra; the base install is only the SDK and CLI) into a virtualenv;
 # the second is a clean python image with only that virtualenv (no pip cache, no sources, no
 # build tools) and runs as the non-root user 65532 that deploy/ also sets.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -14,7 +15,7 @@ COPY pyproject.toml README.md ./
 COPY operator/ operator/
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install /wheels/*.whl \
+ && /opt/venv/bin/pip install "$(ls /wheels/*.whl)[operator]" \
  && /opt/venv/bin/pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE}

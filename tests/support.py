@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -12,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,6 +59,62 @@ def sample(text: str, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    out = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
+    return out.stdout
+
+
+@contextlib.contextmanager
+def applied(kubeconfig: Path, *files: Path) -> Iterator[None]:
+    """The objects in `files` applied (server-side) for the duration; on the way out, those that did
+    not exist before are deleted again, so every other test sees the cluster as it expects."""
+    paths = [str(f) for f in files]
+    before = {p: set(kubectl(kubeconfig, "get", "-f", p, "-o", "name", "--ignore-not-found").split()) for p in paths}
+    created: list[str] = []
+    try:
+        for p in paths:
+            names = kubectl(kubeconfig, "apply", "--server-side", "-o", "name", "-f", p).split()
+            created += [n for n in names if n not in before[p]]
+        yield
+    finally:
+        if created:
+            kubectl(kubeconfig, "delete", "--ignore-not-found", "--wait=false", *created)
+
+
+def admission_policies(kubeconfig: Path, *files: Path) -> contextlib.AbstractContextManager[None]:
+    """Admission policies for the duration only: every other test runs without them, as it expects."""
+    return applied(kubeconfig, *files)
+
+
+def refused_by(call: Callable[[], Any], policy: str, *words: str) -> str:
+    """`call` must be refused by the named admission policy (403/422); returns the message."""
+    try:
+        call()
+    except client.ApiException as exc:
+        assert exc.status in (403, 422), exc
+        message = str(json.loads(exc.body)["message"])
+        assert policy in message, message
+        for word in words:
+            assert word in message, message
+        return message
+    raise AssertionError(f"not refused by {policy}")
+
+
+def bind_rules(api: client.ApiClient, namespace: str, user: str, rules: list[dict[str, Any]], name: str = "") -> None:
+    """A Role with `rules`, bound to `user` in `namespace` (both go away with the namespace)."""
+    rbac = client.RbacAuthorizationV1Api(api)
+    name = name or f"r-{uuid.uuid4().hex[:8]}"
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": rules})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    })  # fmt: skip
 
 
 def create_order(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> dict[str, Any]:

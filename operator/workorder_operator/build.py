@@ -250,6 +250,15 @@ def _not_json(value: Any, path: str) -> str | None:
 # --- BuildRun ---------------------------------------------------------------------------------
 
 
+def label_value(name: str) -> str:
+    """An object name as a label value (63 characters at most): names up to 253 characters are cut,
+    with a hash of the whole name so that two long names never share a value."""
+    if len(name) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_LENGTH]
+    return f"{name[: NAME_LIMIT - _HASH_LENGTH - 1].rstrip('-.')}-{digest}"
+
+
 def buildrun_name(order_name: str, attempt: int) -> str:
     """The BuildRun of one attempt: `<order>-<attempt>`, or, when that is too long or no DNS label,
     a cut-down order name with a hash of the whole name, so it stays unique and fits 63 chars."""

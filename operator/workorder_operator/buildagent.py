@@ -4,9 +4,11 @@ It is an ordinary SDK agent (its own id, labels and annotations, so targeting de
 an external agent takes a given order), whose handler does one attempt:
 
 1. parse yamlContent (`build.parse_content`): content that cannot run fails the order for good;
-2. server-side apply the Builds in the order's namespace, owned by the order;
+2. create the Builds in the order's namespace, owned by the order (a Build of that name that the
+   order did not create fails the order for good: `BuildNameTaken`, nothing is changed on it);
 3. wait for the Build to be registered ("False" fails for good with Shipwright's reason);
-4. create the attempt's own BuildRun (`<order>-<attempt>`), or find it again after a restart;
+4. create the attempt's own BuildRun (`<order>-<attempt>`), or find it again after a restart
+   (only if its owner uid and attempt label are this order's and attempt's);
 5. watch its Succeeded condition: True completes with the image digest, False fails (retryable
    per `build.RETRYABLE_REASONS`).
 
@@ -31,7 +33,7 @@ from workorder_operator import build, lifecycle, metrics
 from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
 from workorder_operator.kube import Conflict, NotFound, explain, post_event
 from workorder_operator.model import WorkOrder, utcnow
-from workorder_operator.shipwright import BUILDRUNS, BUILDS, Shipwright
+from workorder_operator.shipwright import BUILDRUNS, BUILDS, NotOurs, Shipwright
 from workorder_operator.targeting import admits
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ BUILD_TYPE = "build"
 # A stable default id, so a restarted operator recognises the builds it was running.
 DEFAULT_AGENT_ID = "5f0c6b52-5e0d-4c1e-9b1a-6275696c6430"
 WAITING_REASON = "ShipwrightNotInstalled"
+# Failure reasons (the first word of lastError) when a name the order needs is someone else's.
+BUILD_NAME_TAKEN = "BuildNameTaken"
+BUILDRUN_NAME_TAKEN = "BuildRunNameTaken"
 WAITING_MESSAGE = (
     "the cluster has no Shipwright Build API (shipwright.io/v1beta1); the build agent takes this order "
     "once Shipwright is installed"
@@ -137,7 +142,7 @@ class BuildAgent:
             if claim.lost.is_set():
                 name = build.buildrun_name(claim.order.name, claim.attempt)
                 log.warning("%s: claim lost; cancelling BuildRun %s", claim.order.key, name, extra=claim.order.logref)
-                self.shipwright.cancel_buildrun(claim.order.namespace, name)
+                self.shipwright.cancel_buildrun(claim.order, claim.attempt, name)
                 metrics.BUILD_OUTCOMES.labels("claim-lost").inc()
                 raise ClaimLost(f"{claim.order.key}: claim lost during attempt {claim.attempt}") from None
             # The operator is stopping: leave claim and BuildRun be; the next operator resumes watching.
@@ -155,6 +160,8 @@ class BuildAgent:
         for doc in plan.builds:
             try:
                 self.shipwright.apply_build(order, doc)
+            except NotOurs as exc:
+                raise Failure(f"{BUILD_NAME_TAKEN}: {exc}", retryable=False) from None
             except ApiException as exc:
                 if exc.status in (429, 500, 502, 503, 504) and "typed" not in (exc.body or ""):
                     raise  # the API server is busy or away: a retryable failure
@@ -163,7 +170,11 @@ class BuildAgent:
                               retryable=False) from None  # fmt: skip
         self._wait_registered(claim, plan.run)
         name = build.buildrun_name(order.name, claim.attempt)
-        self.shipwright.ensure_buildrun(order, name, plan.run)
+        try:
+            self.shipwright.ensure_buildrun(order, claim.attempt, name, plan.run)
+        except NotOurs as exc:
+            # A leftover of a deleted order of the same name, or planted: the next attempt has another name.
+            raise Failure(f"{BUILDRUN_NAME_TAKEN}: {exc}", retryable=True) from None
         log.info(
             "%s: attempt %d runs BuildRun %s (Build %s)", order.key, claim.attempt, name, plan.run, extra=order.logref
         )

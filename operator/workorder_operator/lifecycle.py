@@ -287,12 +287,16 @@ def initialise(order: WorkOrder, now: dt.datetime, rejection: str | None = None)
     if rejection:
         message = f"rejected: {rejection}"
         status = _next_status(
-            order, Phase.FAILED, message, now, attempt=0, retryCount=0,
+            order, Phase.FAILED, message, now, attempt=order.status.attempt, retryCount=order.status.retry_count,
             lastError=rejection, lastErrorAt=format_time(now), completedAt=format_time(now), result=rejection,
         )  # fmt: skip
         return StatusWrite("reject", _unchanged(order), status, message)
     message = "waiting for an agent"
-    status = _next_status(order, Phase.PENDING, message, now, attempt=0, retryCount=0)
+    # Counters as stored (CRD defaults 0): an order a minimal agent claimed and released without
+    # conditions keeps its attempt, which never decreases.
+    status = _next_status(
+        order, Phase.PENDING, message, now, attempt=order.status.attempt, retryCount=order.status.retry_count
+    )
     return StatusWrite("initialise", _unchanged(order), status, message)
 
 

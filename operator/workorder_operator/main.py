@@ -8,7 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-import kopf
+try:
+    import kopf
+except ImportError as exc:  # the base install is the SDK and CLI only: say what to install, not a traceback
+    sys.exit(f"workorder-operator needs its dependencies: pip install 'workorder-operator[operator]' ({exc})")
 
 from workorder_operator import handlers
 from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildAgentConfig

@@ -11,16 +11,34 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from workorder_operator.build import label_value
 from workorder_operator.model import API_VERSION, KIND, WorkOrder
 
 log = logging.getLogger(__name__)
 
 GROUP, VERSION = "shipwright.io", "v1beta1"
 BUILDS, BUILDRUNS = "builds", "buildruns"
+# The order's name (cut to fit a label value: names may be 253 long), its uid (always fits: select
+# by this one) and the attempt.
 ORDER_LABEL = "workorder.dev/order"
+ORDER_UID_LABEL = "workorder.dev/order-uid"
 ATTEMPT_LABEL = "workorder.dev/attempt"
 # How long one watch request lasts before we look at `stop` again (a lost claim is noticed by then).
 WATCH_SLICE_SECONDS = 2
+
+
+class NotOurs(Exception):
+    """An object we need by name exists and belongs to someone else (another order, another
+    attempt, a person): it is never taken over, changed or reported as ours."""
+
+
+def owned_by(obj: dict[str, Any], order: WorkOrder) -> bool:
+    return any(ref.get("uid") == order.uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _owners(obj: dict[str, Any]) -> str:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return ", ".join(f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in refs) or "no owner"
 
 
 def owner_reference(order: WorkOrder) -> dict[str, Any]:
@@ -45,7 +63,11 @@ class Shipwright:
         return any(g.name == GROUP and any(v.version == VERSION for v in g.versions) for g in groups)
 
     def apply_build(self, order: WorkOrder, build: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply of one Build in the order's namespace, owned by the order."""
+        """One Build of the order in its namespace, owned by the order: created if absent, brought
+        back to the order's content if it is the order's own (a retry, a restarted operator).
+        A Build of that name that the order did not create raises NotOurs and is left untouched:
+        an order can never take over (or, through garbage collection, delete) someone's Build."""
+        name = build["metadata"]["name"]
         body = {
             **build,
             "metadata": {
@@ -54,10 +76,34 @@ class Shipwright:
                 "ownerReferences": [owner_reference(order)],
             },
         }
-        applied: dict[str, Any] = self.objects.patch_namespaced_custom_object(
-            GROUP, VERSION, order.namespace, BUILDS, build["metadata"]["name"], body,
-            field_manager=self.field_manager, force=True, _content_type="application/apply-patch+yaml",
-        )  # fmt: skip
+        existing = self.get(BUILDS, order.namespace, name)
+        if existing is None:
+            try:
+                created: dict[str, Any] = self.objects.create_namespaced_custom_object(
+                    GROUP, VERSION, order.namespace, BUILDS, body, field_manager=self.field_manager
+                )
+                return created
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            existing = self.get(BUILDS, order.namespace, name)  # created by someone else meanwhile
+            if existing is None:
+                raise NotOurs(f"Build {name!r} was created and deleted by someone else while we created it")
+        if not owned_by(existing, order):
+            raise NotOurs(
+                f"Build {name!r} already exists in namespace {order.namespace!r} and is not this order's "
+                f"(owned by {_owners(existing)}); rename the Build in yamlContent"
+            )
+        try:
+            # No force: if someone else has since changed a field we set, refuse rather than overwrite.
+            applied: dict[str, Any] = self.objects.patch_namespaced_custom_object(
+                GROUP, VERSION, order.namespace, BUILDS, name, body,
+                field_manager=self.field_manager, _content_type="application/apply-patch+yaml",
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            raise NotOurs(f"Build {name!r} was changed by someone else since this order created it") from None
         return applied
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -69,19 +115,24 @@ class Shipwright:
             raise
         return obj
 
-    def ensure_buildrun(self, order: WorkOrder, name: str, build_name: str) -> dict[str, Any]:
-        """The attempt's BuildRun: created once, found again after a restart."""
+    def ensure_buildrun(self, order: WorkOrder, attempt: int, name: str, build_name: str) -> dict[str, Any]:
+        """The attempt's BuildRun: created once, found again after a restart. An existing BuildRun
+        of that name is adopted only if it is this order's (owner uid) and this attempt's (label):
+        a leftover of a deleted order of the same name, or one planted by someone, raises NotOurs
+        and never lends its outcome."""
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "BuildRun",
             "metadata": {
                 "name": name,
                 "namespace": order.namespace,
-                "labels": {ORDER_LABEL: order.name, ATTEMPT_LABEL: str(order.status.attempt)},
+                "labels": {
+                    ORDER_LABEL: label_value(order.name), ORDER_UID_LABEL: order.uid, ATTEMPT_LABEL: str(attempt),
+                },
                 "ownerReferences": [owner_reference(order)],
             },
             "spec": {"build": {"name": build_name}},
-        }
+        }  # fmt: skip
         try:
             created: dict[str, Any] = self.objects.create_namespaced_custom_object(
                 GROUP, VERSION, order.namespace, BUILDRUNS, body, field_manager=self.field_manager
@@ -92,18 +143,37 @@ class Shipwright:
                 raise
         existing = self.get(BUILDRUNS, order.namespace, name)
         if existing is None:  # deleted between our create and get: try once more
-            return self.ensure_buildrun(order, name, build_name)
+            return self.ensure_buildrun(order, attempt, name, build_name)
+        labels = existing["metadata"].get("labels") or {}
+        if not owned_by(existing, order) or labels.get(ATTEMPT_LABEL) != str(attempt):
+            raise NotOurs(
+                f"BuildRun {name!r} already exists and is not attempt {attempt} of this order "
+                f"(owned by {_owners(existing)}, attempt label {labels.get(ATTEMPT_LABEL)!r})"
+            )
         return existing
 
-    def cancel_buildrun(self, namespace: str, name: str) -> None:
-        try:
-            self.objects.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, BUILDRUNS, name, {"spec": {"state": "BuildRunCanceled"}},
-                field_manager=self.field_manager, _content_type="application/merge-patch+json",
-            )  # fmt: skip
-        except ApiException as exc:
-            if exc.status != 404:  # gone already (garbage-collected with its order): nothing to cancel
-                raise
+    def cancel_buildrun(self, order: WorkOrder, attempt: int, name: str) -> bool:
+        """Cancel the attempt's BuildRun if it is ours (never someone else's of the same name);
+        whether a cancel was written. Guarded by resourceVersion, re-read on a conflict."""
+        for _ in range(3):
+            run = self.get(BUILDRUNS, order.namespace, name)
+            labels = (run or {}).get("metadata", {}).get("labels") or {}
+            if run is None or not owned_by(run, order) or labels.get(ATTEMPT_LABEL) != str(attempt):
+                return False  # gone already (garbage-collected with its order), or not ours
+            patch = {"metadata": {"resourceVersion": run["metadata"]["resourceVersion"]},
+                     "spec": {"state": "BuildRunCanceled"}}  # fmt: skip
+            try:
+                self.objects.patch_namespaced_custom_object(
+                    GROUP, VERSION, order.namespace, BUILDRUNS, name, patch,
+                    field_manager=self.field_manager, _content_type="application/merge-patch+json",
+                )  # fmt: skip
+                return True
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                if exc.status != 409:
+                    raise
+        return False
 
     def wait_for(
         self,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from kubernetes import client, config
 
 from tests.conftest import Cluster
-from tests.support import create_order, wait_for
+from tests.support import admission_policies, bind_rules, create_order, wait_for
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent, ClaimLost
 from workorder_operator.kube import WorkOrders
@@ -27,7 +25,6 @@ from workorder_operator.lifecycle import StatusWrite
 from workorder_operator.model import WorkOrder, utcnow
 
 REPO = Path(__file__).resolve().parents[2]
-OPERATOR_SA = "system:serviceaccount:workorder-system:workorder-operator"
 AGENT_RULES = [
     {"apiGroups": ["workorder.dev"], "resources": ["workorders"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["workorder.dev"], "resources": ["workorders/status"], "verbs": ["get", "patch"]},
@@ -36,13 +33,8 @@ AGENT_RULES = [
 
 @pytest.fixture(scope="module")
 def policy(cluster: Cluster) -> Iterator[None]:
-    policy_file = str(REPO / "deploy" / "base" / "admission.yaml")
-    out = subprocess.run(
-        ["kubectl", "--kubeconfig", str(cluster.kubeconfig), "apply", "--server-side", "-f", policy_file],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    yield
+    with admission_policies(cluster.kubeconfig, REPO / "deploy" / "base" / "admission.yaml"):
+        yield
 
 
 def identity(cluster: Cluster, namespace: str, user: str, groups: tuple[str, ...] = ()) -> client.ApiClient:
@@ -125,11 +117,31 @@ def test_the_legal_life_of_an_order_passes(cluster: Cluster, namespace: str, ali
     claim.fail("gave up", retryable=False)
     failed = WorkOrder.from_body(alice.orders.get(namespace, "legal"))
     assert failed.status.phase == "Failed" and failed.status.retry_count == 1
-    alice.orders.write_status(failed, lifecycle.requeue(failed, utcnow()))  # requeue: allowed, retries reset
+    # Requeue is an admin's move (tests/integration/test_tenancy.py shows an agent refused).
+    bind_rules(cluster.api, namespace, "lead", [{"apiGroups": ["workorder.dev"], "resources": ["workorders"],
+                                                 "verbs": ["update"]}, *AGENT_RULES])  # fmt: skip
+    lead = WorkOrders(identity(cluster, namespace, "lead"), "lead")
+    wait_for(lambda: _requeued(lead, failed), timeout=20, what="the lead's requeue to be allowed")
     claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "legal")))
     assert claim is not None
     claim.complete("done")
     assert WorkOrder.from_body(alice.orders.get(namespace, "legal")).status.phase == "Completed"
+
+
+def _lead_may_update(api: client.ApiClient, namespace: str) -> bool:
+    attrs = {"verb": "update", "group": "workorder.dev", "resource": "workorders", "namespace": namespace}
+    review = client.AuthorizationV1Api(api).create_self_subject_access_review({"spec": {"resourceAttributes": attrs}})
+    return bool(review.status.allowed)
+
+
+def _requeued(orders: WorkOrders, failed: WorkOrder) -> bool:
+    try:
+        orders.write_status(failed, lifecycle.requeue(failed, utcnow()))
+    except client.ApiException as exc:
+        if "admin transition" in (exc.body or ""):
+            return False  # the lead's RBAC has not reached the authorizer yet
+        raise
+    return True
 
 
 def test_another_identity_cannot_act_on_a_claim(cluster: Cluster, namespace: str, alice: Agent, bob: Agent) -> None:
@@ -184,22 +196,47 @@ def test_illegal_writes_are_refused_with_a_readable_reason(cluster: Cluster, nam
     sneaky = {**forced, "phase": "RetryPending", "retryCount": 1, "nextRetryAfter": forced["updatedAt"]}
     refused(lambda: raw_write(alice.api, zclaim.order, sneaky), "maxRetries")
 
-    # Requeue must reset retries.
+    # Requeue is not an agent's move at all; an admin's must reset retries and keep the attempt.
     zclaim.fail("final", retryable=False)
     failed = WorkOrder.from_body(alice.orders.get(namespace, "nomore"))
     requeued = lifecycle.requeue(failed, utcnow()).status
-    refused(lambda: raw_write(alice.api, failed, {**requeued, "retryCount": 3}), "retryCount 0")
+    refused(lambda: raw_write(alice.api, failed, requeued), "admin transition", "alice may not update")
+    bind_rules(cluster.api, namespace, "lead", [{"apiGroups": ["workorder.dev"], "resources": ["workorders"],
+                                                 "verbs": ["update"]}, *AGENT_RULES])  # fmt: skip
+    lead = identity(cluster, namespace, "lead")
+    wait_for(lambda: _lead_may_update(lead, namespace), timeout=20, what="the lead's RBAC")
+    refused(lambda: raw_write(lead, failed, {**requeued, "retryCount": 3}), "retryCount 0")
+    refused(lambda: raw_write(lead, failed, {**requeued, "attempt": failed.status.attempt + 1}), "attempt unchanged")
 
 
-def test_the_operator_identity_is_not_bound_by_the_agent_rules(cluster: Cluster, namespace: str, alice: Agent) -> None:
+def test_holders_of_the_operate_verb_are_not_bound_by_the_agent_rules(
+    cluster: Cluster, namespace: str, alice: Agent, bob: Agent
+) -> None:
+    """The operator is recognised by RBAC (the virtual verb `operate`), not by a ServiceAccount name:
+    installed in any namespace, its expire/due/reject writes pass."""
     wait_until_enforced(cluster, namespace, alice)
-    operator_api = identity(cluster, namespace, OPERATOR_SA, ("system:serviceaccounts", "system:authenticated"))
+    operator_rules = [*AGENT_RULES, {"apiGroups": ["workorder.dev"], "resources": ["workorders"], "verbs": ["operate"]}]
+    bind_rules(cluster.api, namespace, "some-operator", operator_rules)
+    operator_api = config.new_client_from_config(str(cluster.user_kubeconfig("some-operator")))
     create_order(cluster.api, namespace, "expiring", claimTimeoutSeconds=1)
     claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "expiring")))
     assert claim is not None
-    time.sleep(1.1)
     order = WorkOrder.from_body(alice.orders.get(namespace, "expiring"))
-    WorkOrders(operator_api, "workorder-operator").write_status(order, lifecycle.expire(order, utcnow()))
+    later = utcnow() + dt.timedelta(seconds=2)
+    # Without `operate`, an expiry of alice's claim is refused ...
+    refused(lambda: bob.orders.write_status(order, lifecycle.expire(order, later)), "belongs to alice")
+    # ... and passes for the holder of `operate` (once its RBAC reaches the authorizer).
+    wait_for(lambda: _expired(WorkOrders(operator_api, "workorder-operator"), order, later), timeout=20)
     assert WorkOrder.from_body(alice.orders.get(namespace, "expiring")).status.phase == "Pending"
     with pytest.raises(ClaimLost):
         claim.complete("late")
+
+
+def _expired(orders: WorkOrders, order: WorkOrder, at: dt.datetime) -> bool:
+    try:
+        orders.write_status(order, lifecycle.expire(order, at))
+    except client.ApiException as exc:
+        if "workorder-status-transitions" in (exc.body or ""):
+            return False
+        raise
+    return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from workorder_operator.build import (
     RunOutcome,
     buildrun_name,
     buildrun_outcome,
+    label_value,
     parse_content,
     registration,
 )
@@ -397,11 +397,12 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
 
 
-def test_billion_laughs_is_refused_quickly() -> None:
-    started = time.perf_counter()
+# Refused while composing, before any object is built (the message says so); the timeout only
+# guards against a hang, performance targets live in `make bench`.
+@pytest.mark.timeout(60)
+def test_billion_laughs_is_refused_before_it_expands() -> None:
     assert refused(BILLION_LAUGHS) == "document 1: YAML aliases are not allowed"
     assert refused(build_doc() + "---\n" + BILLION_LAUGHS) == "document 2: YAML aliases are not allowed"
-    assert time.perf_counter() - started < 0.5
 
 
 def test_deep_nesting_is_refused_not_crashed() -> None:
@@ -417,10 +418,11 @@ def test_too_many_documents_are_refused() -> None:
     assert refused(("---\n" + build_doc()) * (MAX_DOCUMENTS + 1)) == "yamlContent has more than 50 documents"
 
 
-def test_too_many_documents_are_refused_quickly() -> None:
-    started = time.perf_counter()
+def test_reading_stops_at_the_document_limit() -> None:
+    # Whatever follows the limit is never read: not even invalid YAML there is noticed.
+    after_the_limit = ("---\n" + build_doc()) * MAX_DOCUMENTS + "---\nkey: [unclosed\n"
+    assert refused(after_the_limit) == "yamlContent has more than 50 documents"
     assert refused(("---\n" + build_doc()) * 20_000) == "yamlContent has more than 50 documents"
-    assert time.perf_counter() - started < 0.5
 
 
 @pytest.mark.parametrize(
@@ -436,6 +438,24 @@ def test_values_json_cannot_carry_are_refused(rest: str, path: str) -> None:
     assert refused(build_doc(rest=rest)) == (
         f'document 1 (Build "app"): the value at {path} cannot be sent to the API as JSON'
     )
+
+
+# --- label values -----------------------------------------------------------------------------
+
+LABEL_VALUE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+
+
+def test_an_order_name_that_fits_is_its_own_label_value() -> None:
+    assert label_value("app") == "app"
+    assert label_value("a" * 63) == "a" * 63
+
+
+@pytest.mark.parametrize("name", ["a" * 64, "x" * 253, "team.build." + "a" * 200, "a" * 54 + "-" * 5 + "b" * 10])
+def test_a_long_order_name_becomes_a_valid_label_value_unique_per_name(name: str) -> None:
+    value = label_value(name)
+    assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), value
+    assert label_value(name + "z") != value
+    assert value.startswith(name[:20])
 
 
 # --- buildrun_name ---------------------------------------------------------------------------

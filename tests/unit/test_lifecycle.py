@@ -98,6 +98,18 @@ def test_initialise_without_any_status_is_guarded_by_the_resource_version() -> N
     assert write.status["phase"] == "Pending"
 
 
+def test_initialise_never_rewinds_the_attempt() -> None:
+    """A minimal agent claimed and released without writing conditions: the order still needs its
+    conditions, and the fencing token stays where it is (the CRD refuses any decrease)."""
+    released = make_order(status={**CRD_DEFAULT_STATUS, "attempt": 2, "retryCount": 1})
+    assert lc.needs_initialise(released)
+    assert (
+        lc.initialise(released, T_INIT).status["attempt"],
+        lc.initialise(released, T_INIT).status["retryCount"],
+    ) == (2, 1)
+    assert lc.initialise(released, T_INIT, rejection="bad").status["attempt"] == 2
+
+
 def test_initialise_twice_is_refused() -> None:
     with pytest.raises(TransitionError):
         lc.initialise(read(pending()), NOW)
