@@ -83,7 +83,8 @@ def test_fail_with_retries_left_waits_exact_backoff_then_operator_makes_it_pendi
     assert failed.status.next_retry_after - failed.status.last_error_at == dt.timedelta(seconds=2)  # 1 * 2^1
     pending = wait_for(lambda: phase_is(a, namespace, "retry", "Pending"), timeout=10)
     lateness = (pending.status.updated_at - failed.status.next_retry_after).total_seconds()  # type: ignore[operator]
-    assert 0 <= lateness < 2, lateness
+    # Never early; late only by the operator's reaction time (a loaded machine's included).
+    assert 0 <= lateness < 5, lateness
     # Second failure: 1 * 2^2 = 4 s.
     again = a.fail(a.claim(pending), "disk still full")
     assert again.status.retry_count == 2
