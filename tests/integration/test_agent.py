@@ -444,6 +444,32 @@ def test_a_running_agent_claims_a_new_order_at_once(
     assert max(latencies) < 5.0, latencies
 
 
+def test_a_watch_answered_410_gone_lists_again_and_goes_on(
+    cluster: Cluster, namespace: str, make_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API server forgets old resourceVersions (410 Gone): the agent lists again, quietly.
+
+    The first list is made to answer with resourceVersion 1, a version the server has long
+    forgotten, so the real API server answers the watch with 410 (we only play the passing of time)."""
+    agent = make_agent()
+    real_list = agent.orders.list
+    versions: list[str] = []
+
+    def forgetful_first(*args: Any, **kwargs: Any) -> tuple[list[dict[str, Any]], str]:
+        bodies, version = real_list(*args, **kwargs)
+        versions.append(version)
+        return bodies, ("1" if len(versions) == 1 else version)
+
+    agent.orders.list = forgetful_first  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="workorder_operator.agent")
+    with running(agent, echo):
+        wait_for(lambda: len(versions) >= 2, timeout=15, what="a second list after the 410")
+        create_order(cluster.api, namespace, "after-gone")
+        wait_for(lambda: phase_is(cluster, namespace, "after-gone", "Completed"), timeout=15, what="the new order")
+    complaints = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not complaints, "a 410 is routine, not a warning or a back-off"
+
+
 def test_stopping_an_agent_releases_the_work_of_a_handler_that_does_not_finish(
     cluster: Cluster, namespace: str, make_agent: Callable[..., Agent]
 ) -> None:
