@@ -804,9 +804,9 @@ def test_buildrun_names_use_the_whole_63_characters_and_no_double_dash() -> None
     assert len(name) == 63
     assert "--" not in name
     # The cut lands on a '-': it is dropped, not doubled.
-    dashed = "a" * 52 + "-" + "b" * 30
+    dashed = "a" * 51 + "-" + "b" * 30  # 52 characters fit before "-<hash>-1": the 52nd is the '-'
     digest = hashlib.sha256(dashed.encode()).hexdigest()[:8]
-    assert buildrun_name(dashed, 1) == f"{'a' * 52}-{digest}-1"
+    assert buildrun_name(dashed, 1) == f"{'a' * 51}-{digest}-1"
 
 
 def test_an_attempt_so_large_it_leaves_no_room_for_the_order_name() -> None:
