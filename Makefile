@@ -38,8 +38,8 @@ binaries: ## build etcd, kube-apiserver and kube-controller-manager into the cac
 	@tools/build-controlplane.sh
 
 lint: venv ## ruff and mypy (strict on the package)
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench tools
+	$(BIN)/ruff format --check operator tests bench tools
 	$(BIN)/mypy
 
 unit: venv ## only the fast unit tests (no cluster)
