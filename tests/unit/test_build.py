@@ -729,7 +729,7 @@ def test_invalid_yaml_says_the_problem_and_the_line() -> None:
         "yamlContent is not valid YAML: expected ',' or ']', but got '<stream end>' (line 2)"
     )
     # A character YAML cannot hold, on the third line (counted from the start, a leading newline included).
-    assert refused("\nkey: a\nbad: \x07\nmore: b\n") == (
+    assert refused("\nkey: a\nbad: \x07\nmore: b\nand: c\nso: on\n") == (
         "yamlContent is not valid YAML: special characters are not allowed (line 3)"
     )
 
