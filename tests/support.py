@@ -209,6 +209,29 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def replicas(kubeconfig: Path, namespace: str, directory: Path) -> list[OperatorProcess]:
+    """Two operator replicas, started, sharing one Lease (as a two-replica Deployment does)."""
+    ops = [
+        OperatorProcess(kubeconfig, directory / f"operator-{i}.log", "--all-namespaces",
+                        f"--leader-election-namespace={namespace}")
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        for op in ops:
+            op.start()
+    except BaseException:
+        for op in ops:
+            op.stop()
+        raise
+    return ops
+
+
+def leader_of(ops: list[OperatorProcess]) -> OperatorProcess | None:
+    """The one replica that says it leads (None while none or both do)."""
+    leading = [o for o in ops if o.proc is not None and "is the leader" in o.log()]
+    return leading[-1] if len(leading) == 1 else None
+
+
 class RunningAgent:
     """`Agent.run` in a thread; `stop` ends it, `join` stops it, waits and re-raises its error."""
 

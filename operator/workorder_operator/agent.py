@@ -34,7 +34,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from workorder_operator import lifecycle
-from workorder_operator.kube import Conflict, NotFound, WorkOrders, explain
+from workorder_operator.kube import Conflict, NotFound, WorkOrders, explain, timeout
 from workorder_operator.lifecycle import StatusWrite, TransitionError
 from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
 from workorder_operator.targeting import AgentIdentity, admits
@@ -246,7 +246,7 @@ class Agent:
         each claim, so the admission policy lets only this identity act on it."""
         if self._user is None:
             try:
-                review = client.AuthenticationV1Api(self.api).create_self_subject_review({})
+                review = client.AuthenticationV1Api(self.api).create_self_subject_review({}, _request_timeout=timeout())
                 self._user = str(review.status.user_info.username)
             except (ApiException, AttributeError) as exc:
                 log.warning("cannot tell this agent's Kubernetes username (%s); claims will not record it", exc)
@@ -284,7 +284,34 @@ class Agent:
             body = self.orders.write_status(order, lifecycle.claim(order, self.identity, utcnow(), self.user))
         except (Conflict, TransitionError, NotFound):
             return None
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            # The reply is lost, not necessarily the write: if the order now holds exactly the
+            # claim we asked for, it is ours; left alone it would stay orphaned for a whole timeout.
+            adopted = self._adopt(order)
+            if adopted is None:
+                raise
+            return adopted
         return Claim(self, WorkOrder.from_body(body))
+
+    def _adopt(self, order: WorkOrder) -> Claim | None:
+        try:
+            fresh = WorkOrder.from_body(self.orders.get(order.namespace, order.name))
+        except Exception as exc:
+            log.warning("%s: claim outcome unknown (%s)", order.key, exc, extra=order.logref)
+            return None
+        s = fresh.status
+        if (
+            fresh.uid == order.uid
+            and s.phase == Phase.CLAIMED
+            and s.claimed_by == self.id
+            and s.attempt == order.status.attempt + 1
+        ):
+            log.info("%s: the reply to our claim was lost; adopting attempt %d", order.key, s.attempt,
+                     extra=order.logref)  # fmt: skip
+            return Claim(self, fresh)
+        return None
 
     def held(self) -> list[Claim]:
         """Handles on the claims this agent id holds now: after a restart, resume them."""
@@ -329,7 +356,7 @@ class Agent:
         try:
             for held in self.held() if resume else ():
                 log.info("%s: resuming attempt %d", held.order.key, held.attempt, extra=held.order.logref)
-                in_flight[held.order.key] = (held, pool.submit(self._work, held, handler))
+                in_flight[held.order.key] = (held, pool.submit(self._work, held, handler, resumed=True))
             while not stop.is_set():
                 # Cleared before looking, so a watch event or a finished worker from now on wakes us.
                 pending.changed.clear()
@@ -388,8 +415,18 @@ class Agent:
         random.shuffle(head)
         return head + candidates[len(head) :]
 
-    def _work(self, claim: Claim, handler: Callable[[Claim], str | None]) -> None:
+    def _work(self, claim: Claim, handler: Callable[[Claim], str | None], *, resumed: bool = False) -> None:
         ref = claim.order.logref
+        if resumed:
+            # Nobody renewed it while we were away: renew at once, not a third of the timeout
+            # from now (by then a short claim would have expired under us).
+            try:
+                claim.renew()
+            except ClaimLost as exc:
+                log.warning("%s", exc, extra=ref)
+                return
+            except Exception as exc:  # the background renewal tries again
+                log.warning("%s: renewing the resumed claim failed: %s", claim.order.key, exc, extra=ref)
         try:
             with claim.renewing():
                 result = handler(claim)

@@ -57,8 +57,8 @@ class BuildAgentConfig:
     labels: Sequence[str] = ("shipwright",)
     annotations: dict[str, str] = field(default_factory=dict)
     concurrency: int = 4
-    # The one namespace the operator watches, if it watches one (None: all namespaces).
-    namespace: str | None = None
+    # The namespaces the operator watches (empty: all): the build agent claims only there.
+    namespaces: tuple[str, ...] = ()
     # Without a running Shipwright controller nothing registers a Build: do not hold a claim forever.
     registration_timeout: float = 300.0
     # How often to look again for the Shipwright API while it is missing.
@@ -69,10 +69,13 @@ class BuildAgent:
     def __init__(self, api: client.ApiClient, config: BuildAgentConfig, field_manager: str) -> None:
         self.api = api
         self.config = config
-        self.agent = Agent(
-            api, config.id, work_types=[BUILD_TYPE], labels=config.labels, annotations=config.annotations,
-            namespace=config.namespace,
-        )  # fmt: skip
+        # One SDK agent per watched namespace (one for all when the operator watches all).
+        self.agents = [
+            Agent(api, config.id, work_types=[BUILD_TYPE], labels=config.labels, annotations=config.annotations,
+                  namespace=namespace)
+            for namespace in config.namespaces or (None,)
+        ]  # fmt: skip
+        self.agent = self.agents[0]
         self.shipwright = Shipwright(api, field_manager)
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,7 +111,7 @@ class BuildAgent:
             try:
                 if self.shipwright.installed():
                     log.info("build agent %s taking build orders", self.agent.id)
-                    self.agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True)
+                    self._run_agents()
                     return
                 self._mark_waiting()
             except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:  # the API server is away
@@ -117,9 +120,26 @@ class BuildAgent:
                 log.exception("build agent loop failed; starting again")
             self.stop.wait(self.config.discovery_interval)
 
+    def _run_agents(self) -> None:
+        def run(agent: Agent) -> None:
+            agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True)
+
+        threads = [
+            threading.Thread(target=run, args=(a,), name=f"build-agent-{a.namespace}", daemon=True)
+            for a in self.agents[1:]
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            run(self.agent)
+        finally:
+            self.stop.set()
+            for thread in threads:
+                thread.join()
+
     def _mark_waiting(self) -> None:
         """Say on each waiting build order, once, why nothing happens to it."""
-        for order in self.agent.candidates():
+        for order in (o for agent in self.agents for o in agent.candidates()):
             if any(c.get("reason") == WAITING_REASON for c in order.raw_status.get("conditions", [])):
                 continue
             try:

@@ -3,6 +3,11 @@
 Every command is a thin layer over the SDK (`agent.py`) and the lifecycle: the same
 compare-and-swap writes, the same guards. Errors are one line with the cause and the fix, and a
 distinct exit code (see EXIT_CODES); never a traceback.
+
+Holder commands (renew, complete, fail, release) act only on the exact claim the caller was
+given: `claim` prints a handle `NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID`, and they take it (or NAME
+with --uid, --attempt and --id spelled out). Never "whatever attempt is current": a stale
+script, or a second shell agent on the same host, cannot finish someone else's attempt.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +45,8 @@ EXIT_CODES = {
     "not-found": 6,
     "claim-lost": 7,
     "nothing-to-claim": 8,
+    "no-file": 9,
+    "no-namespace": 10,
 }
 EX_TEMPFAIL = 75
 OUTPUT_TAIL = 4096
@@ -53,8 +59,31 @@ class CliError(Exception):
 
 
 def default_agent_id() -> str:
-    """Stable per machine unless set: $WORKORDER_AGENT_ID, else a UUID derived from the host name."""
-    return os.environ.get("WORKORDER_AGENT_ID") or str(uuid.uuid5(uuid.NAMESPACE_DNS, socket.gethostname()))
+    """$WORKORDER_AGENT_ID, else a new UUID: unique per process, so two agents on one host are
+    never taken for one another (the id of a claim travels in its handle)."""
+    return os.environ.get("WORKORDER_AGENT_ID") or str(uuid.uuid4())
+
+
+# --- claim handles ------------------------------------------------------------------------------
+
+
+def handle(order: WorkOrder, agent_id: str) -> str:
+    """Everything a holder command needs to act on exactly this claim and nothing else."""
+    return f"{order.namespace}/{order.name}:{order.uid}:{order.status.attempt}:{agent_id}"
+
+
+def parse_handle(text: str) -> tuple[str, str, str, int, str]:
+    """NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID -> (namespace, name, uid, attempt, agent id)."""
+    try:
+        where, uid, attempt, agent_id = text.split(":")
+        namespace, name = where.split("/")
+        if not (namespace and name and uid and agent_id):
+            raise ValueError(text)
+        return namespace, name, uid, int(attempt), agent_id
+    except ValueError:
+        raise CliError(
+            "usage", f"not a claim handle: {text!r}; expected NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID as printed by claim"
+        ) from None
 
 
 # --- connection and errors ----------------------------------------------------------------------
@@ -102,6 +131,16 @@ def explain(exc: BaseException, session: Session | None) -> CliError:
         )
     if isinstance(exc, ApiException):
         message = api_message(exc)
+        if exc.status == 404:
+            kind = _details(exc).get("kind")
+            if kind == "namespaces":
+                ns = _details(exc).get("name")
+                return CliError(
+                    "no-namespace",
+                    f"namespace {ns!r} does not exist; create it (kubectl create namespace {ns}) or pass another -n",
+                )
+            if kind == PLURAL:
+                return CliError("not-found", f"{message}; check the name and namespace (-n)")
         if exc.status == 403:
             return CliError("forbidden", f"forbidden: {message}; ask for the workorder-agent/workorder-edit role")
         if exc.status == 404:
@@ -114,6 +153,14 @@ def explain(exc: BaseException, session: Session | None) -> CliError:
             return CliError("forbidden", f"unauthorized: {message}; your credentials were refused")
         return CliError("error", f"the API server refused: {message}")
     return CliError("error", f"{exc.__class__.__name__}: {exc}")
+
+
+def _details(exc: ApiException) -> dict[str, Any]:
+    try:
+        details = json.loads(exc.body or "{}").get("details")
+    except (ValueError, AttributeError):
+        return {}
+    return details if isinstance(details, dict) else {}
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -186,7 +233,15 @@ def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool) -
 
 
 def cmd_create(s: Session, args: argparse.Namespace) -> int:
-    content = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    try:
+        content = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(
+            "no-file", f"cannot read -f {args.filename}: {reason}; pass a readable YAML file or - for stdin"
+        ) from None
+    if not content.strip():
+        raise CliError("no-file", f"-f {args.filename} is empty; yamlContent must hold at least one YAML document")
     spec: dict[str, Any] = {"workType": args.type, "yamlContent": content}
     for flag, field in (
         ("max_retries", "maxRetries"), ("backoff", "backoffSeconds"), ("max_backoff", "maxBackoffSeconds"),
@@ -282,50 +337,64 @@ def cmd_claim(s: Session, args: argparse.Namespace) -> int:
         raise CliError("nothing-to-claim", "nothing to claim: no Pending order of these types admits this agent")
     o = claim.order
     if args.output == "json":
-        print(json.dumps({"name": o.name, "namespace": o.namespace, "attempt": o.status.attempt, "agentId": agent.id}))
+        print(json.dumps({"name": o.name, "namespace": o.namespace, "uid": o.uid, "attempt": o.status.attempt,
+                          "agentId": agent.id, "handle": handle(o, agent.id)}))  # fmt: skip
     else:
-        print(f"{o.name} {o.status.attempt}")
+        print(handle(o, agent.id))
     return 0
 
 
-def _held(s: Session, args: argparse.Namespace) -> Claim:
-    """A handle on a claim this agent holds (the attempt defaults to the current one, if ours)."""
-    order = s.read(args.name)
-    agent = Agent(s.api, args.id, namespace=s.namespace)
-    handle = Claim(agent, order)
-    if args.attempt is not None:
-        handle.attempt = args.attempt
-    if (
-        order.status.phase != Phase.CLAIMED
-        or order.status.claimed_by != agent.id
-        or order.status.attempt != handle.attempt
-    ):
-        holder = (
-            f"attempt {order.status.attempt} of agent {order.status.claimed_by}"
-            if order.status.claimed_by
-            else "nobody"
+def _exact_claim(s: Session, args: argparse.Namespace) -> tuple[str, str, str, int, str]:
+    """(namespace, name, uid, attempt, agent id) of the claim the caller means, spelled out in full."""
+    if ":" in args.claim:
+        return parse_handle(args.claim)
+    missing = [flag for flag, value in (("--uid", args.uid), ("--attempt", args.attempt), ("--id", args.id)) if
+               value is None]  # fmt: skip
+    if missing:
+        raise CliError(
+            "usage",
+            f"{args.command} {args.claim}: also pass {', '.join(missing)} (or the handle claim printed, "
+            "NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID): holder commands act only on the exact claim you were given",
         )
+    return s.namespace, args.claim, args.uid, args.attempt, args.id
+
+
+def _held(s: Session, args: argparse.Namespace) -> Claim:
+    """A handle on exactly the claim the caller names; claim-lost if the order no longer holds it."""
+    namespace, name, uid, attempt, agent_id = _exact_claim(s, args)
+    order = WorkOrder.from_body(s.orders.get(namespace, name))
+    agent = Agent(s.api, agent_id, namespace=namespace)
+    held = Claim(agent, order)
+    held.attempt = attempt
+    st = order.status
+    if order.uid != uid:
         raise CliError(
             "claim-lost",
-            f"workorder {order.key} is {order.status.phase} (claim held by {holder}), not attempt {handle.attempt} of "
-            f"agent {agent.id}: the claim is lost or was never taken",
+            f"workorder {order.key} was deleted and created again (uid {order.uid}, not {uid}): the claim is lost",
         )
-    return handle
+    if st.phase != Phase.CLAIMED or st.claimed_by != agent_id or st.attempt != attempt:
+        holder = f"attempt {st.attempt} of agent {st.claimed_by}" if st.claimed_by else "nobody"
+        raise CliError(
+            "claim-lost",
+            f"workorder {order.key} is {st.phase} (claim held by {holder}), not attempt {attempt} of "
+            f"agent {agent_id}: the claim is lost or was never taken",
+        )
+    return held
 
 
 def cmd_holder(s: Session, args: argparse.Namespace) -> int:
     """renew, complete, fail and release: what the holder of a claim may do."""
-    handle = _held(s, args)
+    held = _held(s, args)
     if args.command == "renew":
-        handle.renew()
+        held.renew()
     elif args.command == "complete":
-        handle.complete(args.result or "")
+        held.complete(args.result or "")
     elif args.command == "fail":
-        handle.fail(args.error, retryable=not args.no_retry)
+        held.fail(args.error, retryable=not args.no_retry)
     else:
-        handle.release(args.reason or "")
+        held.release(args.reason or "")
     outcome = {"renew": "renewed", "complete": "completed", "release": "released"}.get(args.command)
-    print(f"workorder.workorder.dev/{args.name} {outcome or handle.order.status.phase}")
+    print(f"workorder.workorder.dev/{held.order.name} {outcome or held.order.status.phase}")
     return 0
 
 
@@ -349,7 +418,7 @@ class CommandRunner:
             WORKORDER_NAME=o.name, WORKORDER_NAMESPACE=o.namespace, WORKORDER_UID=o.uid,
             WORKORDER_TYPE=o.spec.work_type, WORKORDER_ATTEMPT=str(o.status.attempt),
             WORKORDER_RETRY_COUNT=str(o.status.retry_count), WORKORDER_AGENT_ID=claim.agent.id,
-            WORKORDER_PRIORITY=str(o.spec.priority),
+            WORKORDER_PRIORITY=str(o.spec.priority), WORKORDER_HANDLE=handle(o, claim.agent.id),
         )  # fmt: skip
         proc = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -507,7 +576,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--id",
             default=default_agent_id(),
-            help="agent UUID (default: $WORKORDER_AGENT_ID or derived from the host name)",
+            help="agent UUID (default: $WORKORDER_AGENT_ID, else a new UUID for this process)",
         )
         if types:
             sp.add_argument("--type", action="append", help="work type to take (repeatable; default: all)")
@@ -515,7 +584,11 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--annotation", action="append", help="agent annotation KEY=VALUE (repeatable)")
             sp.add_argument("-A", "--all-namespaces", action="store_true", help="take orders from every namespace")
 
-    cl = add("claim", cmd_claim, "claim the next order (or NAME); prints NAME ATTEMPT")
+    cl = add(
+        "claim",
+        cmd_claim,
+        "claim the next order (or NAME); prints the claim's handle NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID",
+    )
     cl.add_argument("name", nargs="?")
     identity(cl, True)
     for name, help in (
@@ -525,9 +598,12 @@ def parser() -> argparse.ArgumentParser:
         ("release", "give a claim back untouched (not a failure)"),
     ):
         sp = add(name, cmd_holder, help)
-        sp.add_argument("name")
-        identity(sp, False)
-        sp.add_argument("--attempt", type=int, help="the attempt you claimed (default: the current one, if yours)")
+        sp.add_argument(
+            "claim", metavar="HANDLE|NAME", help="the handle claim printed, or NAME with --uid --attempt --id"
+        )
+        sp.add_argument("--id", default=os.environ.get("WORKORDER_AGENT_ID") or None, help="agent UUID (with NAME)")
+        sp.add_argument("--uid", help="the order's uid when you claimed it (with NAME)")
+        sp.add_argument("--attempt", type=int, help="the attempt you claimed (with NAME)")
         if name == "complete":
             sp.add_argument("--result", help="the result (e.g. an image digest)")
         if name == "fail":

@@ -4,7 +4,8 @@ Fed by watch events (`observe`), it asks the lifecycle what the operator must do
 order and when (`lifecycle.plan`), arms one scheduler for all of them, and at each deadline
 performs the transition as a compare-and-swap. A lost race is normal: it re-reads the order and
 decides again. Nothing here is persisted: on start-up the initial listing re-arms everything
-from the stored status, so a restart loses nothing.
+from the stored status, so a restart loses nothing; every replica keeps tracking orders, and a
+replica that becomes the leader re-arms every tracked order from its stored status (`lead`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -31,6 +32,11 @@ T = TypeVar("T")
 
 # After an unexpected API error, try the same order again this much later.
 ERROR_RETRY_SECONDS = 5.0
+# A leader writes only while its lease is sure to outlive the request by this much.
+MIN_WRITE_SECONDS = 1.0
+# Parsing content (up to 256 KiB of YAML per order) has its own threads: a burst of big build
+# orders never delays an expiry or a retry.
+CONTENT_WORKERS = 2
 # Events cost an API write each, as much as a transition: in a burst (1,000 claims expiring in
 # the same second) they are capped so they never halve the transition rate; the rest are dropped
 # (the status and its history still say everything).
@@ -47,6 +53,9 @@ class _Tracked:
     # When this operator first saw the current claim or renewal (our clock).
     first_seen: dt.datetime | None
     sign_of_life: tuple[Any, ...]
+    # When this operator first saw the current sign of life, whenever that was (start-up listing
+    # included): agent timestamps later than this by more than a tolerance are not believed.
+    seen_at: dt.datetime
     # Why the operator cannot run this order's content (found when it first saw the content).
     rejection: str | None = None
 
@@ -73,13 +82,21 @@ class Engine:
         reject: Callable[[WorkOrder], str | None] | None = None,
         concurrency: int = 32,
         clock: Callable[[], dt.datetime] = utcnow,
+        budget: Callable[[], float | None] | None = None,
+        namespaces: Sequence[str] = (),
     ) -> None:
+        """`budget`: seconds left in which a write must be over (the leader's lease), None for no
+        limit. `namespaces`: the ones watched (empty: all), for `resync`."""
         self.orders = orders
         self.clock = clock
+        self._budget = budget
+        self.namespaces = tuple(namespaces)
         self.scheduler = DeadlineScheduler(self._fire, concurrency=concurrency, clock=clock)
         # Made inside kopf's running loop: the loop worker threads call back into.
         self._loop = asyncio.get_running_loop()
+        # The API workers serve transitions only.
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="workorder-api")
+        self._content_pool = ThreadPoolExecutor(max_workers=CONTENT_WORKERS, thread_name_prefix="workorder-content")
         # Events go through their own small pool so a burst of them never queues ahead of transitions.
         self._event_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workorder-events")
         self._post_event = post_event
@@ -92,6 +109,7 @@ class Engine:
         self._checking: set[str] = set()
         # Count transitions in metrics (only the leader does, so replicas never double-count).
         self.counting = False
+        self._acting: asyncio.Task[None] | None = None
 
     # --- input ----------------------------------------------------------------------------------
 
@@ -130,7 +148,7 @@ class Engine:
         if self._reject is not None and lifecycle.needs_initialise(order) and uid not in self._checking:
             # Parsing content can take seconds (256 KiB of YAML): never on the event loop.
             self._checking.add(uid)
-            asyncio.get_running_loop().run_in_executor(self._pool, self._check_content, order)
+            asyncio.get_running_loop().run_in_executor(self._content_pool, self._check_content, order)
         self._arm(tracked)
 
     def _check_content(self, order: WorkOrder) -> None:
@@ -165,9 +183,52 @@ class Engine:
         self._checking.discard(uid)
         self.scheduler.cancel(uid)
 
+    def forget_missing(self, existing: dict[str, str], list_version: str, namespace: str | None = None) -> int:
+        """After a fresh listing (uid -> namespace of what exists at `list_version`), forget the
+        orders of `namespace` (None: all) that no longer exist: deleted while the watch was
+        down, their DELETED event never came. An order seen at a newer version than the listing
+        was created after it and stays. Returns how many were forgotten."""
+        try:
+            listed = int(list_version)
+        except ValueError:
+            return 0
+        gone = [
+            uid
+            for uid, t in list(self._tracked.items())
+            if uid not in existing and (namespace is None or t.order.namespace == namespace) and _rv(t.order) <= listed
+        ]
+        for uid in gone:
+            log.info("%s: no longer exists; forgetting it", self._tracked[uid].order.key)
+            self.forget(uid)
+        return len(gone)
+
+    async def resync(self) -> int:
+        """List what exists (metadata only) and forget the rest; returns how many were forgotten."""
+        forgotten = 0
+        for namespace in self.namespaces or (None,):
+            existing, version = await self._api(self.orders.list_versions, namespace)
+            forgotten += self.forget_missing(existing, version, namespace)
+        return forgotten
+
+    async def resync_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.resync()
+            except Exception as exc:  # the API server is away: the next round tries again
+                log.warning("resync of tracked orders failed: %s", exc)
+
     def _track(self, order: WorkOrder, previous: _Tracked | None, rejection: str | None) -> _Tracked:
         s = order.status
         sign = (s.phase, s.claimed_by, s.attempt, s.claimed_at, s.renewed_at)
+        seen_at = previous.seen_at if previous is not None and previous.sign_of_life == sign else self.clock()
+        if s.phase == Phase.CLAIMED and (previous is None or previous.sign_of_life != sign):
+            for what, mark in (("claimedAt", s.claimed_at), ("renewedAt", s.renewed_at)):
+                if lifecycle.agent_time(mark, seen_at) != mark:
+                    log.warning(
+                        "%s: %s %s is ahead of the operator's clock; counting from when it was seen (%s)",
+                        order.key, what, order.raw_status.get(what), seen_at.isoformat(), extra=order.logref,
+                    )  # fmt: skip
         first_seen = None
         if s.phase == Phase.CLAIMED:
             # Startup listing: no first sight to speak of; the server-side write time covers it.
@@ -184,22 +245,46 @@ class Engine:
                     (first_seen - mark).total_seconds(),
                     extra=order.logref,
                 )
-        tracked = _Tracked(_compact(order), first_seen, sign, rejection)
+        tracked = _Tracked(_compact(order), first_seen, sign, seen_at, rejection)
         self._tracked[order.uid] = tracked
         return tracked
 
     # --- deadlines ------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        await self.scheduler.run()
+    def lead(self) -> None:
+        """Start acting (leadership gained): re-arm every tracked order from its stored status,
+        so nothing a previous term left half-done is lost, then run the timer."""
+        if self._acting is not None:
+            return
+        self.counting = True
+        for tracked in list(self._tracked.values()):
+            self._arm(tracked)
+        self._acting = asyncio.create_task(self.scheduler.run())
+
+    async def follow(self) -> None:
+        """Stop acting (leadership lost): the timer and its callbacks stop before this returns;
+        their deadlines stay armed for the next term."""
+        self.counting = False
+        acting, self._acting = self._acting, None
+        if acting is not None:
+            acting.cancel()
+            await asyncio.gather(acting, return_exceptions=True)
+
+    @property
+    def acting(self) -> bool:
+        return self._acting is not None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._content_pool.shutdown(wait=False, cancel_futures=True)
         self._event_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _api(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def _write_budget(self) -> float | None:
+        return self._budget() if self._budget is not None else None
 
     async def _fire(self, uid: str) -> None:
         tracked = self._tracked.get(uid)
@@ -212,13 +297,19 @@ class Engine:
         if plan.at > now:
             self.scheduler.schedule(uid, plan.at)
             return
+        budget = self._write_budget()
+        if budget is not None and budget < MIN_WRITE_SECONDS:
+            # The lease may lapse before the request is over: leave it to the next renewal (or
+            # to the next leader) rather than risk a write after someone else took over.
+            log.debug("%s: %s deferred: the lease is about to lapse", order.key, plan.action, extra=order.logref)
+            self.scheduler.schedule(uid, now + dt.timedelta(seconds=MIN_WRITE_SECONDS))
+            return
         try:
             if plan.action == Action.DELETE:
-                await self._api(self.orders.delete, order)
-                self._event(order, "Normal", "Deleted", "ttlSecondsAfterFinished reached")
+                await self._delete(order, budget)
                 return
             write = self._transition(plan.action, order, tracked, now)
-            body = await self._api(self.orders.write_status, order, write)
+            body = await self._api(self.orders.write_status, order, write, budget)
         except TransitionError as exc:
             log.debug("%s: %s", order.key, exc, extra=order.logref)
             return
@@ -238,16 +329,38 @@ class Engine:
             self.scheduler.schedule(uid, now + dt.timedelta(seconds=ERROR_RETRY_SECONDS))
             return
         log.info("%s: %s (%s)", order.key, write.transition, write.message, extra=order.logref)
-        if write.transition != "initialise":
+        if write.transition not in ("initialise", "conditions"):
             kind = "Warning" if write.transition in ("expire", "reject") else "Normal"
             self._event(order, kind, write.transition.capitalize(), write.message)
         self.observe("MODIFIED", body)
 
+    async def _delete(self, order: WorkOrder, budget: float | None) -> None:
+        """TTL: delete this very version; if it changed meanwhile (requeued just as its TTL fell
+        due), read it again and plan again. The event says Deleted only for a real deletion."""
+        try:
+            await self._api(self.orders.delete, order, budget)
+        except Conflict as exc:
+            log.info("%s: not deleted (%s); looking again", order.key, exc, extra=order.logref)
+            try:
+                body = await self._api(self.orders.get, order.namespace, order.name)
+            except NotFound:
+                self.forget(order.uid)
+                return
+            if body.get("metadata", {}).get("uid") != order.uid:
+                self.forget(order.uid)  # a new order of the same name: the watch brings it
+                return
+            self.observe(None, body)
+            return
+        log.info("%s: deleted (ttlSecondsAfterFinished reached)", order.key, extra=order.logref)
+        self._event(order, "Normal", "Deleted", "ttlSecondsAfterFinished reached")
+
     def _transition(self, action: Action, order: WorkOrder, tracked: _Tracked, now: dt.datetime) -> StatusWrite:
         if action == Action.INITIALISE:
             return lifecycle.initialise(order, now, tracked.rejection)
+        if action == Action.CONDITIONS:
+            return lifecycle.sync_conditions(order, now)
         if action == Action.EXPIRE:
-            return lifecycle.expire(order, now, tracked.first_seen)
+            return lifecycle.expire(order, now, tracked.first_seen, tracked.seen_at)
         return lifecycle.due(order, now)
 
     def _event(self, order: WorkOrder, kind: str, reason: str, message: str) -> None:
@@ -266,7 +379,9 @@ class Engine:
 
 
 def _plan(tracked: _Tracked) -> lifecycle.Plan:
-    return lifecycle.plan(tracked.order, tracked.first_seen, rejected=tracked.rejection is not None)
+    return lifecycle.plan(
+        tracked.order, tracked.first_seen, rejected=tracked.rejection is not None, seen_at=tracked.seen_at
+    )
 
 
 def _name(body: dict[str, Any]) -> tuple[str, str]:

@@ -27,11 +27,16 @@ class Options:
     kubeconfig: str | None = None
     context: str | None = None
     concurrency: int = 32
+    # The namespaces watched (empty: all).
+    namespaces: tuple[str, ...] = ()
     build_agent: BuildAgentConfig | None = field(default_factory=BuildAgentConfig)
     metrics_port: int = 0
     # None: no leader election (a single replica).
     lease: LeaseConfig | None = None
     identity: str = field(default_factory=lambda: os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}")
+    # How often every replica lists what exists (metadata only) to forget orders deleted while
+    # its watch was down.
+    resync_seconds: float = 300.0
 
 
 OPTIONS = Options()
@@ -41,7 +46,6 @@ OPTIONS = Options()
 class _State:
     engine: Engine | None = None
     build_agent: BuildAgent | None = None
-    acting: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics: web.AppRunner | None = None
     ready: bool = False
@@ -93,26 +97,35 @@ async def startup(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: 
     # High availability is a Lease (leader.py), not kopf peering: no peering objects.
     settings.peering.standalone = True
 
-    api = api_client(OPTIONS.kubeconfig, OPTIONS.context, pool=OPTIONS.concurrency)
+    # The user agent names the replica, so the API server's audit log tells replicas apart. No
+    # silent retries: a leader's write is sent when it decided to send it, or not at all.
+    user_agent = f"{OPERATOR_MANAGER}/{OPTIONS.identity}"
+    api = api_client(
+        OPTIONS.kubeconfig, OPTIONS.context, pool=OPTIONS.concurrency, retries=False, user_agent=user_agent
+    )
     if OPTIONS.build_agent is not None:
         STATE.build_agent = BuildAgent(
-            api_client(OPTIONS.kubeconfig, OPTIONS.context), OPTIONS.build_agent, OPERATOR_MANAGER
-        )
+            api_client(OPTIONS.kubeconfig, OPTIONS.context, user_agent=user_agent), OPTIONS.build_agent,
+            OPERATOR_MANAGER,
+        )  # fmt: skip
+    election = None if OPTIONS.lease is None else LeaderElection(api, OPTIONS.lease, OPTIONS.identity)
     engine = Engine(
         WorkOrders(api, OPERATOR_MANAGER),
         post_event=partial(post_event, api),
         reject=STATE.build_agent.rejection if STATE.build_agent else None,
         concurrency=OPTIONS.concurrency,
+        budget=election.remaining if election is not None else None,
+        namespaces=OPTIONS.namespaces,
     )
     STATE.engine = engine
+    STATE.tasks.append(asyncio.create_task(engine.resync_forever(OPTIONS.resync_seconds)))
     metrics.track_engine(engine.tracked_orders, lambda: len(engine.scheduler))
     if OPTIONS.metrics_port:
         STATE.metrics = await metrics.serve(OPTIONS.metrics_port, lambda: STATE.ready)
     # Every replica watches (its cache stays warm for a fast takeover); only the leader acts.
-    if OPTIONS.lease is None:
+    if election is None:
         await _lead()
     else:
-        election = LeaderElection(api, OPTIONS.lease, OPTIONS.identity)
         STATE.tasks.append(asyncio.create_task(election.run(_lead, _follow)))
     STATE.ready = True
     logger.info("workorder engine started")
@@ -121,8 +134,7 @@ async def startup(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: 
 async def _lead() -> None:
     assert STATE.engine is not None
     metrics.LEADER.set(1)
-    STATE.engine.counting = True
-    STATE.acting = asyncio.create_task(STATE.engine.run())
+    STATE.engine.lead()
     if STATE.build_agent is not None:
         STATE.build_agent.start()
 
@@ -130,11 +142,7 @@ async def _lead() -> None:
 async def _follow() -> None:
     metrics.LEADER.set(0)
     if STATE.engine is not None:
-        STATE.engine.counting = False
-    if STATE.acting is not None:
-        STATE.acting.cancel()
-        await asyncio.gather(STATE.acting, return_exceptions=True)
-        STATE.acting = None
+        await STATE.engine.follow()
     if STATE.build_agent is not None:
         await asyncio.to_thread(STATE.build_agent.close)
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -20,6 +22,54 @@ log = logging.getLogger(__name__)
 
 OPERATOR_MANAGER = "workorder-operator"
 
+# Every API call is bounded in time: one stuck connection must never block a worker (or a leader
+# that then keeps acting after its standby took over). Connect covers TCP and TLS; read is the
+# longest silence accepted from the server. A watch asks the server to end it after
+# `timeoutSeconds` and gives up on it WATCH_GRACE later.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+WATCH_GRACE = 30.0
+# A watch whose caller names no server-side timeout: the server's own limit is under 30 minutes.
+WATCH_READ_TIMEOUT = 1800.0 + WATCH_GRACE
+
+Timeout = tuple[float, float]
+# Ask for a list of metadata only (no spec, no status).
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+
+
+def timeout(total: float | None = None) -> Timeout:
+    """(connect, read) for one request; with `total`, both together stay within it."""
+    if total is None:
+        return (CONNECT_TIMEOUT, READ_TIMEOUT)
+    return (min(CONNECT_TIMEOUT, total / 2), total / 2)
+
+
+def watch_timeout(server_seconds: float) -> Timeout:
+    """For a watch the server ends after `server_seconds`."""
+    return (CONNECT_TIMEOUT, server_seconds + WATCH_GRACE)
+
+
+_WATCH = re.compile(r"[?&]watch=(true|1)\b", re.IGNORECASE)
+_SERVER_TIMEOUT = re.compile(r"[?&]timeoutSeconds=(\d+)")
+
+
+class TimedApiClient(client.ApiClient):  # type: ignore[misc]
+    """An ApiClient that gives every request connect and read timeouts when its caller set none,
+    so no code path, ours or the client library's, can wait forever."""
+
+    def call_api(  # type: ignore[no-untyped-def]
+        self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None
+    ):
+        if _request_timeout is None:
+            if _WATCH.search(url):
+                server = _SERVER_TIMEOUT.search(url)
+                _request_timeout = (
+                    watch_timeout(float(server.group(1))) if server else (CONNECT_TIMEOUT, WATCH_READ_TIMEOUT)
+                )
+            else:
+                _request_timeout = timeout()
+        return super().call_api(method, url, header_params, body, post_params, _request_timeout)
+
 
 class Conflict(Exception):
     """A compare-and-swap lost: the stored object no longer matches what the write was based on."""
@@ -29,8 +79,17 @@ class NotFound(Exception):
     """The order does not exist (any more)."""
 
 
-def api_client(kubeconfig: str | None = None, context: str | None = None, pool: int = 32) -> client.ApiClient:
-    """A client for the kubeconfig (or in-cluster config), with a connection pool for `pool` threads."""
+def api_client(
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    pool: int = 32,
+    *,
+    retries: bool = True,
+    user_agent: str | None = None,
+) -> client.ApiClient:
+    """A client for the kubeconfig (or in-cluster config), with a connection pool for `pool`
+    threads and timeouts on every request. `retries=False`: no silent urllib3 retries, for
+    callers whose writes must not be sent later than they decided (the leader's)."""
     configuration = client.Configuration()
     if kubeconfig is None and context is None:
         try:
@@ -40,7 +99,12 @@ def api_client(kubeconfig: str | None = None, context: str | None = None, pool: 
     else:
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     configuration.connection_pool_maxsize = pool
-    return client.ApiClient(configuration)
+    if not retries:
+        configuration.retries = False
+    api = TimedApiClient(configuration)
+    if user_agent:
+        api.user_agent = user_agent
+    return api
 
 
 def json_patch(write: StatusWrite) -> list[dict[str, Any]]:
@@ -84,7 +148,9 @@ class WorkOrders:
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         try:
-            body: dict[str, Any] = self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            body: dict[str, Any] = self.objects.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=timeout()
+            )
         except ApiException as exc:
             if exc.status == 404:
                 raise NotFound(f"workorder {namespace}/{name} not found") from exc
@@ -95,19 +161,45 @@ class WorkOrders:
         self, namespace: str | None = None, field_selector: str = "", label_selector: str = ""
     ) -> tuple[list[dict[str, Any]], str]:
         """All matching orders and the list's resourceVersion (to start a watch from)."""
-        kwargs = {"field_selector": field_selector, "label_selector": label_selector}
+        kwargs: dict[str, Any] = {
+            "field_selector": field_selector, "label_selector": label_selector, "_request_timeout": timeout(),
+        }  # fmt: skip
         if namespace:
             result = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
         else:
             result = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
         return list(result["items"]), str(result["metadata"]["resourceVersion"])
 
-    def write_status(self, order: WorkOrder, write: StatusWrite) -> dict[str, Any]:
-        """Perform a status compare-and-swap; raise Conflict when a guard no longer holds."""
+    def list_versions(self, namespace: str | None = None) -> tuple[dict[str, str], str]:
+        """uid -> namespace of every order (metadata only: no content), and the list's
+        resourceVersion: what exists, cheaply, for forgetting what does not."""
+        path = f"/apis/{GROUP}/{VERSION}" + (f"/namespaces/{namespace}" if namespace else "") + f"/{PLURAL}"
+        found: dict[str, str] = {}
+        token = ""
+        while True:
+            query: list[tuple[str, Any]] = [("limit", 500)] + ([("continue", token)] if token else [])
+            request = self.api.param_serialize(
+                "GET", path, query_params=query, auth_settings=["BearerToken"], header_params={"Accept": METADATA_LIST}
+            )
+            page: Any = self.api.call_api(*request, _request_timeout=timeout())
+            page.read()
+            body = json.loads(page.data or b"{}")
+            for item in body.get("items") or []:
+                meta = item.get("metadata") or {}
+                if meta.get("uid"):
+                    found[meta["uid"]] = meta.get("namespace", "")
+            token = (body.get("metadata") or {}).get("continue") or ""
+            if not token:
+                return found, str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+    def write_status(self, order: WorkOrder, write: StatusWrite, budget: float | None = None) -> dict[str, Any]:
+        """Perform a status compare-and-swap; raise Conflict when a guard no longer holds.
+        `budget`: seconds within which the request must be over, sent or not."""
         try:
             body: dict[str, Any] = self.objects.patch_namespaced_custom_object_status(
                 GROUP, VERSION, order.namespace, PLURAL, order.name, json_patch(write),
                 field_manager=self.field_manager, _content_type="application/json-patch+json",
+                _request_timeout=timeout(budget),
             )  # fmt: skip
         except ApiException as exc:
             if exc.status == 404:
@@ -117,16 +209,22 @@ class WorkOrders:
             raise
         return body
 
-    def delete(self, order: WorkOrder) -> None:
-        """Delete exactly this order (uid precondition: never a newer one of the same name)."""
+    def delete(self, order: WorkOrder, budget: float | None = None) -> None:
+        """Delete exactly this version of this order: a compare-and-swap on uid and
+        resourceVersion, so neither a newer order of the same name nor a changed one (requeued
+        just now) is deleted. Raises Conflict or NotFound when there is nothing to delete."""
+        preconditions = client.V1Preconditions(uid=order.uid, resource_version=order.resource_version)
         try:
             self.objects.delete_namespaced_custom_object(
                 GROUP, VERSION, order.namespace, PLURAL, order.name,
-                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=order.uid)),
+                body=client.V1DeleteOptions(preconditions=preconditions), _request_timeout=timeout(budget),
             )  # fmt: skip
         except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
+            if exc.status == 404:
+                raise NotFound(f"workorder {order.key} not found") from exc
+            if exc.status == 409:
+                raise Conflict(f"delete of {order.key} lost a race: {explain(exc)}") from exc
+            raise
 
 
 def post_event(api: client.ApiClient, order: WorkOrder, kind: str, reason: str, message: str) -> None:
@@ -145,6 +243,8 @@ def post_event(api: client.ApiClient, order: WorkOrder, kind: str, reason: str, 
         "reportingInstance": OPERATOR_MANAGER,
     }  # fmt: skip
     try:
-        client.CoreV1Api(api).create_namespaced_event(order.namespace, body)
+        client.CoreV1Api(api).create_namespaced_event(order.namespace, body, _request_timeout=timeout())
     except ApiException as exc:
         log.warning("%s: cannot post event %s: %s", order.key, reason, explain(exc))
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        log.warning("%s: cannot post event %s: %s", order.key, reason, exc)

@@ -8,6 +8,8 @@ agents' and the operator's alike, is a compare-and-swap. A failed guard means so
 moved first: re-read and decide again, never retry blindly.
 
 Who guards what:
+- every write tests `/metadata/uid`: a handle of a deleted order never touches a re-created one
+  of the same name (whose attempt may well be the same again);
 - agent transitions (claim, renew, complete, fail, release) test phase, attempt and claimedBy:
   the attempt is the fencing token, so a stale handle can never touch a re-claimed order;
 - operator transitions test the whole stored status: the operator never overwrites any write it
@@ -61,27 +63,32 @@ class Reason(StrEnum):
     FAILED = "Failed"
 
 
+_PHASE_REASON = {
+    Phase.PENDING: Reason.PENDING,
+    Phase.CLAIMED: Reason.CLAIMED,
+    Phase.RETRY_PENDING: Reason.BACKOFF,
+    Phase.COMPLETED: Reason.COMPLETED,
+    Phase.FAILED: Reason.FAILED,
+}
+
+
+def _wanted(phase: Phase) -> dict[str, str]:
+    """The status of each condition in a phase."""
+    return {
+        "Succeeded": {Phase.COMPLETED: "True", Phase.FAILED: "False"}.get(phase, "Unknown"),
+        "Reconciling": "False" if phase.terminal else "True",
+        "Stalled": "True" if phase == Phase.FAILED else "False",
+    }
+
+
 def _conditions(
     old: list[dict[str, Any]], phase: Phase, message: str, now: dt.datetime, generation: int, why: str | None = None
 ) -> list[dict[str, Any]]:
     """Succeeded / Reconciling / Stalled for a phase, in the kstatus convention: Reconciling
     True while work is outstanding, Stalled True when the order ended in failure; only a change
     of status moves lastTransitionTime."""
-    reason = why or str(
-        {
-            Phase.PENDING: Reason.PENDING,
-            Phase.CLAIMED: Reason.CLAIMED,
-            Phase.RETRY_PENDING: Reason.BACKOFF,
-            Phase.COMPLETED: Reason.COMPLETED,
-            Phase.FAILED: Reason.FAILED,
-        }[phase]
-    )
-    succeeded = {Phase.COMPLETED: "True", Phase.FAILED: "False"}.get(phase, "Unknown")
-    wanted = {
-        "Succeeded": succeeded,
-        "Reconciling": "False" if phase.terminal else "True",
-        "Stalled": "True" if phase == Phase.FAILED else "False",
-    }
+    reason = why or str(_PHASE_REASON[phase])
+    wanted = _wanted(phase)
     previous = {c.get("type"): c for c in old}
     out = []
     for ctype, cstatus in wanted.items():
@@ -141,6 +148,13 @@ def _cleared_claim() -> dict[str, Any]:
     return dict.fromkeys(_CLAIM_FIELDS)
 
 
+def _write(
+    transition: str, order: WorkOrder, guards: dict[str, Any], status: dict[str, Any], message: str = ""
+) -> StatusWrite:
+    """Every status write, agents' and the operator's, is fenced by the order's uid first."""
+    return StatusWrite(transition, {"/metadata/uid": order.uid, **guards}, status, message)
+
+
 def _require_phase(order: WorkOrder, *phases: Phase) -> None:
     if order.status.phase not in phases:
         allowed = " or ".join(phases)
@@ -177,8 +191,9 @@ def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime, user: str | 
         raise TransitionError(f"{order.key}: targeting does not admit agent {agent.id}")
     attempt = order.status.attempt + 1
     message = f"claimed by agent {agent.id} (attempt {attempt})"
-    return StatusWrite(
+    return _write(
         "claim",
+        order,
         {"/status/phase": str(Phase.PENDING), "/status/attempt": order.status.attempt},
         _next_status(
             order, Phase.CLAIMED, message, now,
@@ -191,14 +206,15 @@ def claim(order: WorkOrder, agent: AgentIdentity, now: dt.datetime, user: str | 
 def renew(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime) -> StatusWrite:
     guards = _holder_guards(order, agent_id, attempt)
     status = dict(order.raw_status, renewedAt=format_time(now))
-    return StatusWrite("renew", guards, status)
+    return _write("renew", order, guards, status)
 
 
 def complete(order: WorkOrder, agent_id: str, attempt: int, result: str, now: dt.datetime) -> StatusWrite:
     guards = _holder_guards(order, agent_id, attempt)
     message = f"completed by agent {agent_id} in attempt {attempt}"
-    return StatusWrite(
+    return _write(
         "complete",
+        order,
         guards,
         _next_status(
             order, Phase.COMPLETED, message, now,
@@ -235,15 +251,16 @@ def fail(
         why = "not retryable" if not retryable else f"{spec.max_retries} retries used up"
         message = f"attempt {attempt} failed ({why}): {error}"
         status = _next_status(order, Phase.FAILED, message, now, completedAt=format_time(now), result=error, **common)
-    return StatusWrite("fail", guards, status, message)
+    return _write("fail", order, guards, status, message)
 
 
 def release(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime, reason: str = "") -> StatusWrite:
     """Give the order back untouched: not a failure, retryCount unchanged."""
     guards = _holder_guards(order, agent_id, attempt)
     message = f"released by agent {agent_id}" + (f": {reason}" if reason else "")
-    return StatusWrite(
+    return _write(
         "release",
+        order,
         guards,
         _next_status(
             order,
@@ -261,8 +278,9 @@ def requeue(order: WorkOrder, now: dt.datetime) -> StatusWrite:
     """An admin puts a Failed order back to Pending with its retries reset."""
     _require_phase(order, Phase.FAILED)
     message = "requeued after failure"
-    return StatusWrite(
+    return _write(
         "requeue",
+        order,
         _unchanged(order),
         _next_status(
             order, Phase.PENDING, message, now,
@@ -290,21 +308,21 @@ def initialise(order: WorkOrder, now: dt.datetime, rejection: str | None = None)
             order, Phase.FAILED, message, now, attempt=order.status.attempt, retryCount=order.status.retry_count,
             lastError=rejection, lastErrorAt=format_time(now), completedAt=format_time(now), result=rejection,
         )  # fmt: skip
-        return StatusWrite("reject", _unchanged(order), status, message)
+        return _write("reject", order, _unchanged(order), status, message)
     message = "waiting for an agent"
     # Counters as stored (CRD defaults 0): an order a minimal agent claimed and released without
     # conditions keeps its attempt, which never decreases.
     status = _next_status(
         order, Phase.PENDING, message, now, attempt=order.status.attempt, retryCount=order.status.retry_count
     )
-    return StatusWrite("initialise", _unchanged(order), status, message)
+    return _write("initialise", order, _unchanged(order), status, message)
 
 
 def waiting(order: WorkOrder, reason: str, message: str, now: dt.datetime) -> StatusWrite:
     """Say on a Pending order why nothing takes it yet (conditions only; still claimable)."""
     _require_phase(order, Phase.PENDING)
     status = _next_status(order, Phase.PENDING, message, now, reason)
-    return StatusWrite("waiting", _unchanged(order), status, message)
+    return _write("waiting", order, _unchanged(order), status, message)
 
 
 # Beyond any real deadline: what a timestamp near year 9999 plus a timeout becomes.
@@ -319,30 +337,50 @@ def _after(t: dt.datetime, seconds: float) -> dt.datetime:
         return FAR_FUTURE
 
 
-def claim_deadline(order: WorkOrder, first_seen: dt.datetime | None = None) -> dt.datetime:
+# How far ahead of the operator's clock an agent's timestamp may be and still be believed.
+CLOCK_TOLERANCE = dt.timedelta(seconds=10)
+
+
+def agent_time(mark: dt.datetime | None, seen_at: dt.datetime | None) -> dt.datetime | None:
+    """An agent's timestamp as the operator believes it: one later than the moment the operator
+    saw it (`seen_at`, its own clock) by more than CLOCK_TOLERANCE counts as that moment, so no
+    clock running ahead, however far, can pin a claim."""
+    if mark is not None and seen_at is not None and mark > seen_at + CLOCK_TOLERANCE:
+        return seen_at
+    return mark
+
+
+def claim_deadline(
+    order: WorkOrder, first_seen: dt.datetime | None = None, seen_at: dt.datetime | None = None
+) -> dt.datetime:
     """When the current claim expires: claimTimeoutSeconds after the latest sign of life.
 
     The sign of life is the later of the agent's claimedAt and renewedAt, the server's time of
     the agent's last status write, and when this operator first saw the claim or renewal. The
     last two are the server's and our clock, so an agent whose clock runs behind cannot make its
-    claim expire early (and one whose clock runs ahead only delays its own expiry)."""
+    claim expire early; one whose clock runs ahead is believed only up to CLOCK_TOLERANCE past
+    `seen_at` (when the operator saw this sign of life)."""
     status = order.status
-    marks = [t for t in (status.claimed_at, status.renewed_at, order.status_written_at, first_seen) if t]
+    agent_marks = (agent_time(status.claimed_at, seen_at), agent_time(status.renewed_at, seen_at))
+    marks = [t for t in (*agent_marks, order.status_written_at, first_seen) if t]
     start = max(marks, default=order.created_at)
     return _after(start, order.spec.claim_timeout_seconds)
 
 
-def expire(order: WorkOrder, now: dt.datetime, first_seen: dt.datetime | None = None) -> StatusWrite:
+def expire(
+    order: WorkOrder, now: dt.datetime, first_seen: dt.datetime | None = None, seen_at: dt.datetime | None = None
+) -> StatusWrite:
     _require_phase(order, Phase.CLAIMED)
-    if now < claim_deadline(order, first_seen):
+    if now < claim_deadline(order, first_seen, seen_at):
         raise TransitionError(f"{order.key}: the claim has not expired yet")
     s = order.status
     error = (
         f"claim of agent {s.claimed_by} (attempt {s.attempt}) expired: no renewal within "
         f"{order.spec.claim_timeout_seconds}s"
     )
-    return StatusWrite(
+    return _write(
         "expire",
+        order,
         _unchanged(order),
         _next_status(
             order, Phase.PENDING, error, now, **_cleared_claim(),
@@ -358,12 +396,61 @@ def due(order: WorkOrder, now: dt.datetime) -> StatusWrite:
     if when is not None and now < when:
         raise TransitionError(f"{order.key}: retry not due until {format_time(when)}")
     message = f"retry {order.status.retry_count} of {order.spec.max_retries} due: waiting for an agent"
-    return StatusWrite(
+    return _write(
         "due",
+        order,
         _unchanged(order),
         _next_status(order, Phase.PENDING, message, now, nextRetryAfter=None),
         message,
     )
+
+
+def conditions_true(order: WorkOrder) -> bool:
+    """Whether the conditions and observedGeneration say what the phase says. Statuses must
+    match; the Succeeded reason must be the phase's own (a Pending order may also carry a
+    reason saying why it waits, e.g. ShipwrightNotInstalled)."""
+    phase = order.status.phase
+    if phase is None:
+        return True
+    if order.raw_status.get("observedGeneration") != order.generation:
+        return False
+    conditions = {c.get("type"): c for c in order.raw_status.get("conditions") or [] if isinstance(c, dict)}
+    for ctype, cstatus in _wanted(phase).items():
+        c = conditions.get(ctype)
+        if c is None or c.get("status") != cstatus or c.get("observedGeneration") != order.generation:
+            return False
+    reason = conditions["Succeeded"].get("reason")
+    if phase == Phase.PENDING:
+        return reason not in {str(r) for p, r in _PHASE_REASON.items() if p != Phase.PENDING}
+    return reason == str(_PHASE_REASON[phase])
+
+
+def _phase_message(order: WorkOrder) -> str:
+    s = order.status
+    if s.phase == Phase.CLAIMED:
+        return f"claimed by agent {s.claimed_by} (attempt {s.attempt})"
+    if s.phase == Phase.RETRY_PENDING:
+        after = f" after {format_time(s.next_retry_after)}" if s.next_retry_after else ""
+        return f"attempt {s.attempt} failed: {s.last_error or 'no reason given'}; retry {s.retry_count}{after}"
+    if s.phase == Phase.COMPLETED:
+        return f"completed by agent {s.claimed_by} in attempt {s.attempt}" if s.claimed_by else "completed"
+    if s.phase == Phase.FAILED:
+        return f"failed: {s.last_error or s.result or 'no reason given'}"
+    return "waiting for an agent"
+
+
+def sync_conditions(order: WorkOrder, now: dt.datetime) -> StatusWrite:
+    """The operator's backstop: conditions and observedGeneration that say what the phase says,
+    whoever wrote the phase (a minimal agent writes only the fields of SPEC.md's transitions)."""
+    phase = order.status.phase
+    if phase is None or conditions_true(order):
+        raise TransitionError(f"{order.key}: conditions already match phase {phase}")
+    message = _phase_message(order)
+    status = dict(order.raw_status)
+    status["observedGeneration"] = order.generation
+    status["conditions"] = _conditions(status.get("conditions") or [], phase, message, now, order.generation)
+    status.setdefault("updatedAt", format_time(now))
+    return _write("conditions", order, _unchanged(order), status, message)
 
 
 # --- what the operator does next ----------------------------------------------------------------
@@ -371,6 +458,7 @@ def due(order: WorkOrder, now: dt.datetime) -> StatusWrite:
 
 class Action(StrEnum):
     INITIALISE = "initialise"
+    CONDITIONS = "conditions"  # conditions or observedGeneration do not match the phase
     EXPIRE = "expire"
     DUE = "due"
     DELETE = "delete"  # ttlSecondsAfterFinished
@@ -384,14 +472,23 @@ class Plan:
     at: dt.datetime | None = None
 
 
-def plan(order: WorkOrder, first_seen: dt.datetime | None = None, *, rejected: bool = False) -> Plan:
+def plan(
+    order: WorkOrder,
+    first_seen: dt.datetime | None = None,
+    *,
+    rejected: bool = False,
+    seen_at: dt.datetime | None = None,
+) -> Plan:
     """The operator's next step, independent of the current time: the scheduler runs it at `at`.
-    `rejected`: the operator cannot run this order's content, so it fails it without delay."""
+    `rejected`: the operator cannot run this order's content, so it fails it without delay.
+    `first_seen`, `seen_at`: see `claim_deadline`."""
     s = order.status
     if needs_initialise(order):
         return Plan(Action.INITIALISE, order.created_at if rejected else order.created_at + INITIALISE_GRACE)
+    if not conditions_true(order):
+        return Plan(Action.CONDITIONS, order.created_at)  # at once: long past
     if s.phase == Phase.CLAIMED:
-        return Plan(Action.EXPIRE, claim_deadline(order, first_seen))
+        return Plan(Action.EXPIRE, claim_deadline(order, first_seen, seen_at))
     if s.phase == Phase.RETRY_PENDING:
         return Plan(Action.DUE, s.next_retry_after or order.created_at)
     if s.phase is not None and s.phase.terminal and order.spec.ttl_seconds_after_finished is not None:

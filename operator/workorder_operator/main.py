@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers.OPTIONS.kubeconfig = args.kubeconfig
     handlers.OPTIONS.context = args.context
     handlers.OPTIONS.concurrency = args.concurrency
+    handlers.OPTIONS.namespaces = tuple(args.namespace)
     handlers.OPTIONS.build_agent = (
         None
         if args.no_build_agent
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             annotations=dict(a.split("=", 1) for a in args.build_agent_annotation if "=" in a),
             concurrency=args.build_concurrency,
             registration_timeout=args.build_registration_timeout,
+            # Single-namespace mode holds for the build agent too: it lists, watches and claims
+            # only in the namespaces the operator watches.
+            namespaces=tuple(args.namespace),
         )
     )
     handlers.OPTIONS.metrics_port = args.metrics_port

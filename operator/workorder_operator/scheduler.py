@@ -3,12 +3,14 @@
 A heap of (deadline, key) and a single asyncio task that sleeps until the earliest one, so
 10,000 orders with nothing due cost nothing (no per-object ticking), and a burst of deadlines
 in the same second is handed out immediately to a bounded pool of callbacks.
+
+A key is never lost: it stays armed until its callback has *finished*. A callback interrupted by
+the timer stopping (leadership lost) keeps its deadline, and fires again once the timer runs again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import heapq
 import itertools
@@ -19,13 +21,15 @@ from workorder_operator.model import utcnow
 
 log = logging.getLogger(__name__)
 
+_Entry = tuple[dt.datetime, int]
+
 
 class DeadlineScheduler:
     """Calls `fire(key)` once at (or right after) each key's latest deadline.
 
     `schedule` replaces a key's deadline; `cancel` forgets it. At most `concurrency` callbacks run
     at once; a key is never fired twice concurrently (a deadline set while it fires is kept and
-    fired afterwards).
+    fired afterwards). `run` is the timer; tests may instead step it with `run_due` and `idle`.
     """
 
     def __init__(
@@ -37,15 +41,16 @@ class DeadlineScheduler:
         self._fire = fire
         self._clock = clock
         self._heap: list[tuple[dt.datetime, int, str]] = []
-        self._current: dict[str, tuple[dt.datetime, int]] = {}
+        self._current: dict[str, _Entry] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
-        self._running: set[str] = set()
+        # Keys whose callback runs, with the deadline it serves (None once cancelled meanwhile).
+        self._running: dict[str, _Entry | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
-        return len(self._current)
+        return len(self._current.keys() | {k for k, e in self._running.items() if e is not None})
 
     def deadline(self, key: str) -> dt.datetime | None:
         entry = self._current.get(key)
@@ -67,23 +72,41 @@ class DeadlineScheduler:
 
     def cancel(self, key: str) -> None:
         self._current.pop(key, None)
+        if key in self._running:
+            self._running[key] = None  # an interrupted callback must not bring it back
+
+    def poke(self) -> None:
+        """Look at the clock again now (a test's fake clock moved)."""
+        self._wake.set()
 
     async def run(self) -> None:
-        """The timer loop; runs until cancelled."""
+        """The timer loop; runs until cancelled. On the way out it stops its callbacks and waits
+        for them, so none of them acts after `run` has returned (their keys stay armed)."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 self._wake.clear()
-                delay = self._pop_due()
-                if delay is None:
+                delay = self.run_due()
+                # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that meets
+                # the wake-up, and a timer that ignores losing leadership keeps acting.
+                alarm = None if delay is None else loop.call_later(delay, self._wake.set)
+                try:
                     await self._wake.wait()
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                finally:
+                    if alarm is not None:
+                        alarm.cancel()
         finally:
-            for task in list(self._tasks):
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _pop_due(self) -> float | None:
+    async def idle(self) -> None:
+        """Wait until no callback runs (for tests that step the timer themselves)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def run_due(self) -> float | None:
         """Start callbacks for everything due; return seconds until the next deadline."""
         now = self._clock()
         while self._heap:
@@ -96,26 +119,30 @@ class DeadlineScheduler:
             heapq.heappop(self._heap)
             if key in self._running:
                 continue  # kept in _current: re-armed when the running callback ends
-            del self._current[key]
-            self._start(key)
+            self._start(key, self._current.pop(key))
         return None
 
-    def _start(self, key: str) -> None:
-        self._running.add(key)
+    def _start(self, key: str, entry: _Entry) -> None:
+        self._running[key] = entry
         task = asyncio.create_task(self._call(key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _call(self, key: str) -> None:
+        finished = False
         try:
             async with self._slots:
                 await self._fire(key)
+            finished = True
         except asyncio.CancelledError:
             raise
         except Exception:  # one bad order must never stop the timer
             log.exception("deadline callback for %s failed", key)
+            finished = True
         finally:
-            self._running.discard(key)
+            served = self._running.pop(key, None)
+            if not finished and served is not None and key not in self._current:
+                self._current[key] = served  # interrupted before it was done: still due
             pending = self._current.get(key)
             if pending is not None:
                 heapq.heappush(self._heap, (pending[0], pending[1], key))

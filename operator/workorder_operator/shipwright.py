@@ -12,6 +12,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from workorder_operator.build import label_value
+from workorder_operator.kube import timeout, watch_timeout
 from workorder_operator.model import API_VERSION, KIND, WorkOrder
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Shipwright:
     def installed(self) -> bool:
         """Whether the cluster serves shipwright.io/v1beta1 (discovery, not a guess from errors)."""
         try:
-            groups = client.ApisApi(self.api).get_api_versions().groups or []
+            groups = client.ApisApi(self.api).get_api_versions(_request_timeout=timeout()).groups or []
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("API discovery failed: %s", getattr(exc, "reason", None) or exc)
             return False
@@ -80,7 +81,13 @@ class Shipwright:
         if existing is None:
             try:
                 created: dict[str, Any] = self.objects.create_namespaced_custom_object(
-                    GROUP, VERSION, order.namespace, BUILDS, body, field_manager=self.field_manager
+                    GROUP,
+                    VERSION,
+                    order.namespace,
+                    BUILDS,
+                    body,
+                    field_manager=self.field_manager,
+                    _request_timeout=timeout(),
                 )
                 return created
             except ApiException as exc:
@@ -99,6 +106,7 @@ class Shipwright:
             applied: dict[str, Any] = self.objects.patch_namespaced_custom_object(
                 GROUP, VERSION, order.namespace, BUILDS, name, body,
                 field_manager=self.field_manager, _content_type="application/apply-patch+yaml",
+                _request_timeout=timeout(),
             )  # fmt: skip
         except ApiException as exc:
             if exc.status != 409:
@@ -108,7 +116,9 @@ class Shipwright:
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            obj: dict[str, Any] = self.objects.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=timeout()
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -135,7 +145,13 @@ class Shipwright:
         }  # fmt: skip
         try:
             created: dict[str, Any] = self.objects.create_namespaced_custom_object(
-                GROUP, VERSION, order.namespace, BUILDRUNS, body, field_manager=self.field_manager
+                GROUP,
+                VERSION,
+                order.namespace,
+                BUILDRUNS,
+                body,
+                field_manager=self.field_manager,
+                _request_timeout=timeout(),
             )
             return created
         except ApiException as exc:
@@ -166,6 +182,7 @@ class Shipwright:
                 self.objects.patch_namespaced_custom_object(
                     GROUP, VERSION, order.namespace, BUILDRUNS, name, patch,
                     field_manager=self.field_manager, _content_type="application/merge-patch+json",
+                    _request_timeout=timeout(),
                 )  # fmt: skip
                 return True
             except ApiException as exc:
@@ -200,7 +217,7 @@ class Shipwright:
                 for event in watch.Watch().stream(
                     self.objects.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
                     field_selector=f"metadata.name={name}", resource_version=version,
-                    timeout_seconds=WATCH_SLICE_SECONDS,
+                    timeout_seconds=WATCH_SLICE_SECONDS, _request_timeout=watch_timeout(WATCH_SLICE_SECONDS),
                 ):  # fmt: skip
                     obj = dict(event["object"])
                     if event["type"] == "ERROR":

@@ -74,19 +74,23 @@ def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> N
     create_order(cluster.api, namespace, "low", priority=1)
     create_order(cluster.api, namespace, "high", priority=9)
     out = ok(kubectl(cluster, "claim", "-n", namespace, "--id", AGENT_ID, "--type", "test"))
-    assert out.split() == ["high", "1"]  # priority first
-    ok(kubectl(cluster, "renew", "high", "-n", namespace, "--id", AGENT_ID))
-    ok(kubectl(cluster, "complete", "high", "-n", namespace, "--id", AGENT_ID, "--result", "sha256:feed"))
+    handle = out.strip()
+    uid = Agent(cluster.api, AGENT_ID).read(namespace, "high").uid
+    assert handle == f"{namespace}/high:{uid}:1:{AGENT_ID}"  # priority first
+    ok(kubectl(cluster, "renew", handle))
+    ok(kubectl(cluster, "complete", handle, "--result", "sha256:feed"))
     got = json.loads(ok(kubectl(cluster, "get", "high", "-n", namespace, "-o", "json")))
     assert got["status"]["phase"] == "Completed" and got["status"]["result"] == "sha256:feed"
 
     # Completing again: the claim is over -> exit 7 with a one-line reason.
-    again = kubectl(cluster, "complete", "high", "-n", namespace, "--id", AGENT_ID)
+    again = kubectl(cluster, "complete", handle)
     assert again.returncode == 7
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
-    ok(kubectl(cluster, "claim", "low", "-n", namespace, "--id", AGENT_ID))
-    ok(kubectl(cluster, "release", "low", "-n", namespace, "--id", AGENT_ID, "--reason", "maintenance"))
+    claimed = json.loads(ok(kubectl(cluster, "claim", "low", "-n", namespace, "--id", AGENT_ID, "-o", "json")))
+    # The handle spelled out: NAME with --uid, --attempt and --id.
+    ok(kubectl(cluster, "release", "low", "-n", namespace, "--id", AGENT_ID, "--uid", claimed["uid"],
+               "--attempt", str(claimed["attempt"]), "--reason", "maintenance"))  # fmt: skip
     assert json.loads(ok(kubectl(cluster, "get", "low", "-n", namespace, "-o", "json")))["status"]["phase"] == "Pending"
 
     nothing = kubectl(cluster, "claim", "-n", namespace, "--id", AGENT_ID, "--type", "nonexistent")
@@ -95,15 +99,46 @@ def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> N
 
 def test_fail_no_retry_then_requeue(cluster: Cluster, namespace: str) -> None:
     create_order(cluster.api, namespace, "job", maxRetries=3)
-    ok(kubectl(cluster, "claim", "job", "-n", namespace, "--id", AGENT_ID))
-    assert "Failed" in ok(
-        kubectl(cluster, "fail", "job", "-n", namespace, "--id", AGENT_ID, "--error", "bad", "--no-retry")
-    )
+    handle = ok(kubectl(cluster, "claim", "job", "-n", namespace)).strip()
+    assert "Failed" in ok(kubectl(cluster, "fail", handle, "--error", "bad", "--no-retry"))
     not_failed = kubectl(cluster, "requeue", "missing", "-n", namespace)
     assert not_failed.returncode == 6 and "not found" in not_failed.stderr
     ok(kubectl(cluster, "requeue", "job", "-n", namespace))
     status = json.loads(ok(kubectl(cluster, "get", "job", "-n", namespace, "-o", "json")))["status"]
     assert status["phase"] == "Pending" and status["retryCount"] == 0
+
+
+def test_holder_commands_act_only_on_the_exact_claim_they_were_given(cluster: Cluster, namespace: str) -> None:
+    create_order(cluster.api, namespace, "job")
+    first = ok(kubectl(cluster, "claim", "job", "-n", namespace)).strip()
+    ok(kubectl(cluster, "release", first, "--reason", "handing over"))
+    second = ok(kubectl(cluster, "claim", "job", "-n", namespace)).strip()
+    assert second.split(":")[2] == "2"
+    # Each shell process has its own default agent id: two agents on one host are never one claimer.
+    assert first.rsplit(":", 1)[1] != second.rsplit(":", 1)[1]
+
+    # A stale script still holding attempt 1's handle cannot finish attempt 2.
+    stale = kubectl(cluster, "complete", first, "--result", "stale")
+    assert stale.returncode == 7 and "attempt 2" in stale.stderr, stale.stderr
+    # Nor can one that names the order alone, relying on "the current attempt".
+    vague = kubectl(cluster, "complete", "job", "-n", namespace, "--id", first.rsplit(":", 1)[1])
+    assert vague.returncode == 2 and "--uid" in vague.stderr and "--attempt" in vague.stderr, vague.stderr
+    order = Agent(cluster.api, AGENT_ID).read(namespace, "job")
+    assert order.status.phase == "Claimed" and order.status.attempt == 2 and order.status.result is None
+
+    ok(kubectl(cluster, "complete", second, "--result", "right"))
+    assert Agent(cluster.api, AGENT_ID).read(namespace, "job").status.result == "right"
+
+
+def test_a_handle_of_a_deleted_order_does_not_act_on_its_recreated_namesake(cluster: Cluster, namespace: str) -> None:
+    create_order(cluster.api, namespace, "again")
+    old = ok(kubectl(cluster, "claim", "again", "-n", namespace, "--id", AGENT_ID)).strip()
+    ok(subprocess.run(["kubectl", "--kubeconfig", str(cluster.kubeconfig), "delete", "workorder", "again", "-n",
+                       namespace, "--wait"], capture_output=True, text=True, timeout=60))  # fmt: skip
+    create_order(cluster.api, namespace, "again")
+    ok(kubectl(cluster, "claim", "again", "-n", namespace, "--id", AGENT_ID))  # attempt 1 again, same agent
+    stale = kubectl(cluster, "complete", old)
+    assert stale.returncode == 7 and "deleted and created again" in stale.stderr, stale.stderr
 
 
 def test_errors_are_one_actionable_line(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
@@ -120,6 +155,16 @@ def test_errors_are_one_actionable_line(cluster: Cluster, namespace: str, tmp_pa
     stranger = cluster.user_kubeconfig("stranger")
     denied = kubectl(cluster, "list", "-n", namespace, kubeconfig=stranger)
     assert denied.returncode == 5 and "forbidden" in denied.stderr and "Traceback" not in denied.stderr
+
+    no_file = kubectl(cluster, "create", "--type", "test", "-f", str(tmp_path / "missing.yaml"), "-n", namespace)
+    assert no_file.returncode == 9, no_file.stderr
+    assert "missing.yaml" in no_file.stderr and "No such file" in no_file.stderr and "Traceback" not in no_file.stderr
+
+    content = tmp_path / "job.yaml"
+    content.write_text("echo: hi\n")
+    no_ns = kubectl(cluster, "create", "--type", "test", "-f", str(content), "-n", "no-such-namespace")
+    assert no_ns.returncode == 10, no_ns.stderr
+    assert "namespace 'no-such-namespace' does not exist" in no_ns.stderr and "CRD" not in no_ns.stderr
 
 
 def test_error_for_a_missing_crd_names_the_fix() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from kubernetes import client
 
 from tests.conftest import Cluster
-from tests.support import Agent, OperatorProcess, create_order, sample, scrape, wait_for
+from tests.support import Agent, OperatorProcess, create_order, leader_of, replicas, sample, scrape, wait_for
 from workorder_operator.envtest import free_port
 from workorder_operator.leader import LeaseConfig
 
@@ -58,23 +58,6 @@ def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path:
         op.stop()
 
 
-def replicas(cluster: Cluster, namespace: str, tmp_path: Path) -> list[OperatorProcess]:
-    """Two operator replicas, started, sharing one Lease (as a two-replica Deployment does)."""
-    ops = [
-        OperatorProcess(cluster.kubeconfig, tmp_path / f"operator-{i}.log", "--all-namespaces",
-                        f"--leader-election-namespace={namespace}")
-        for i in range(2)
-    ]  # fmt: skip
-    try:
-        for op in ops:
-            op.start()
-    except BaseException:
-        for op in ops:
-            op.stop()
-        raise
-    return ops
-
-
 def lease_renewals(cluster: Cluster, namespace: str, count: int) -> list[str]:
     """Wait until the operators' Lease has been renewed `count` times; its renewTimes."""
     leases = client.CoordinationV1Api(cluster.api)
@@ -90,13 +73,8 @@ def lease_renewals(cluster: Cluster, namespace: str, count: int) -> list[str]:
     return seen
 
 
-def leader_of(ops: list[OperatorProcess]) -> OperatorProcess | None:
-    leading = [o for o in ops if o.proc is not None and "is the leader" in o.log()]
-    return leading[-1] if len(leading) == 1 else None
-
-
 def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
-    ops = replicas(cluster, namespace, tmp_path)
+    ops = replicas(cluster.kubeconfig, namespace, tmp_path)
     try:
         first = wait_for(lambda: leader_of(ops), timeout=30, what="one leader")
         standby = next(o for o in ops if o is not first)
@@ -134,7 +112,7 @@ def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namesp
 
 
 def test_a_cleanly_stopped_leader_hands_over_at_once(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
-    ops = replicas(cluster, namespace, tmp_path)
+    ops = replicas(cluster.kubeconfig, namespace, tmp_path)
     try:
         first = wait_for(lambda: leader_of(ops), timeout=30, what="one leader")
         standby = next(o for o in ops if o is not first)

@@ -105,3 +105,104 @@ def store(body: dict[str, Any], write: StatusWrite) -> dict[str, Any]:
 
 def read(body: dict[str, Any]) -> WorkOrder:
     return WorkOrder.from_body(body)
+
+
+class MemoryOrders:
+    """The WorkOrder adapter (`kube.WorkOrders`) over an in-memory store with the API server's
+    compare-and-swap rules, for engine tests. Every change is queued as a watch event the test
+    delivers when it chooses (a watch is always a little late). `hold_replies()` makes writes
+    happen at once but their replies wait until `answer()`: the lost or late reply."""
+
+    def __init__(self, bodies: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+        import threading
+
+        self.bodies = {(b["metadata"]["namespace"], b["metadata"]["name"]): copy.deepcopy(b) for b in bodies}
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        # (transition, uid) of every write that took effect, in order; "delete" for deletions.
+        self.done: list[tuple[str, str]] = []
+        self.budgets: list[float | None] = []
+        self._lock = threading.Lock()
+        self._replies = threading.Event()
+        self._replies.set()
+        self.waiting = 0
+
+    def _key(self, order: WorkOrder) -> tuple[str, str]:
+        return (order.namespace, order.name)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        from workorder_operator.kube import NotFound
+
+        with self._lock:
+            body = self.bodies.get((namespace, name))
+            if body is None:
+                raise NotFound(f"{namespace}/{name}")
+            return copy.deepcopy(body)
+
+    def write_status(self, order: WorkOrder, write: StatusWrite, budget: float | None = None) -> dict[str, Any]:
+        from workorder_operator.kube import Conflict, NotFound
+
+        with self._lock:
+            self.budgets.append(budget)
+            body = self.bodies.get(self._key(order))
+            if body is None:
+                raise NotFound(order.key)
+            try:
+                stored = store(body, write)
+            except GuardFailed as exc:
+                raise Conflict(str(exc)) from exc
+            self.bodies[self._key(order)] = stored
+            self.done.append((write.transition, order.uid))
+            self.events.append(("MODIFIED", copy.deepcopy(stored)))
+        self._reply()
+        return copy.deepcopy(stored)
+
+    def delete(self, order: WorkOrder, budget: float | None = None) -> None:
+        from workorder_operator.kube import Conflict, NotFound
+
+        with self._lock:
+            body = self.bodies.get(self._key(order))
+            if body is None:
+                raise NotFound(order.key)
+            meta = body["metadata"]
+            if meta["uid"] != order.uid or meta["resourceVersion"] != order.resource_version:
+                raise Conflict(f"delete of {order.key}: precondition failed")
+            del self.bodies[self._key(order)]
+            self.done.append(("delete", order.uid))
+            self.events.append(("DELETED", copy.deepcopy(body)))
+        self._reply()
+
+    def list_versions(self, namespace: str | None = None) -> tuple[dict[str, str], str]:
+        with self._lock:
+            found = {b["metadata"]["uid"]: ns for (ns, _), b in self.bodies.items() if namespace in (None, ns)}
+            latest = max((int(b["metadata"]["resourceVersion"]) for b in self.bodies.values()), default=0)
+            return found, str(latest)
+
+    def change(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Someone else (an agent, an admin) writes this body now; its event is queued."""
+        with self._lock:
+            key = (body["metadata"]["namespace"], body["metadata"]["name"])
+            stored = copy.deepcopy(body)
+            previous = self.bodies.get(key)
+            rv = int(previous["metadata"]["resourceVersion"]) + 1 if previous else 1
+            stored["metadata"]["resourceVersion"] = str(rv)
+            self.bodies[key] = stored
+            self.events.append(("MODIFIED", copy.deepcopy(stored)))
+            return copy.deepcopy(stored)
+
+    def take_events(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            events, self.events = self.events, []
+            return events
+
+    def hold_replies(self) -> None:
+        self._replies.clear()
+
+    def answer(self) -> None:
+        self._replies.set()
+
+    def _reply(self) -> None:
+        with self._lock:
+            self.waiting += 1
+        self._replies.wait()
+        with self._lock:
+            self.waiting -= 1

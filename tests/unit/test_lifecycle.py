@@ -18,6 +18,7 @@ from tests.unit.orders import (
     CRD_DEFAULT_STATUS,
     CREATED,
     NOW,
+    ORDER_UID,
     GuardFailed,
     make_order,
     order_body,
@@ -83,7 +84,7 @@ def test_initialise_makes_it_pending_with_conditions_guarded_by_the_whole_status
     order = make_order(status=CRD_DEFAULT_STATUS)
     write = lc.initialise(order, T_INIT)
     assert write.transition == "initialise"
-    assert write.guards == {"/status": CRD_DEFAULT_STATUS}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": CRD_DEFAULT_STATUS}
     s = write.status
     assert (s["phase"], s["attempt"], s["retryCount"]) == ("Pending", 0, 0)
     assert s["updatedAt"] == format_time(T_INIT)
@@ -94,7 +95,7 @@ def test_initialise_makes_it_pending_with_conditions_guarded_by_the_whole_status
 
 def test_initialise_without_any_status_is_guarded_by_the_resource_version() -> None:
     write = lc.initialise(make_order(status={}, resource_version="42"), T_INIT)
-    assert write.guards == {"/metadata/resourceVersion": "42"}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/metadata/resourceVersion": "42"}
     assert write.status["phase"] == "Pending"
 
 
@@ -121,7 +122,7 @@ def test_rejected_content_fails_at_once_with_the_reason() -> None:
     reason = "document 2 is a Secret: only shipwright.io/v1beta1 Build objects are allowed"
     write = lc.initialise(make_order(), T_INIT, rejection=reason)
     assert write.transition == "reject"
-    assert write.guards == {"/status": CRD_DEFAULT_STATUS}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": CRD_DEFAULT_STATUS}
     s = write.status
     assert s["phase"] == "Failed"
     assert (s["attempt"], s["retryCount"]) == (0, 0)
@@ -147,7 +148,7 @@ def test_claim_from_pending() -> None:
     order = read(pending())
     write = lc.claim(order, A, NOW)
     assert write.transition == "claim"
-    assert write.guards == {"/status/phase": "Pending", "/status/attempt": 0}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/status/phase": "Pending", "/status/attempt": 0}
     s = write.status
     assert s["phase"] == "Claimed"
     assert s["claimedBy"] == AGENT_A
@@ -161,7 +162,7 @@ def test_claim_from_pending() -> None:
 def test_claim_guards_the_attempt_it_read() -> None:
     body = with_status(pending(), attempt=3)
     write = lc.claim(read(body), B, NOW)
-    assert write.guards == {"/status/phase": "Pending", "/status/attempt": 3}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/status/phase": "Pending", "/status/attempt": 3}
     assert write.status["attempt"] == 4
 
 
@@ -206,7 +207,12 @@ def test_claim_with_label_targeting() -> None:
 # --- holder transitions: renew, complete, fail, release ------------------------------------------
 
 
-HOLDER_GUARDS = {"/status/phase": "Claimed", "/status/claimedBy": AGENT_A, "/status/attempt": 1}
+HOLDER_GUARDS = {
+    "/metadata/uid": ORDER_UID,
+    "/status/phase": "Claimed",
+    "/status/claimedBy": AGENT_A,
+    "/status/attempt": 1,
+}
 
 
 def _renew(o: WorkOrder, agent: str, attempt: int) -> lc.StatusWrite:
@@ -467,7 +473,7 @@ def test_expire_returns_the_order_keeping_retry_count_and_names_the_agent() -> N
     order = read(body)
     now = NOW + seconds(61)
     write = lc.expire(order, now)
-    assert write.guards == {"/status": body["status"]}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": body["status"]}
     s = write.status
     assert s["phase"] == "Pending"
     assert s["retryCount"] == 2
@@ -508,7 +514,7 @@ def test_due_only_when_the_retry_time_has_come() -> None:
     with pytest.raises(TransitionError):
         lc.due(order, when - MICROSECOND)
     write = lc.due(order, when)
-    assert write.guards == {"/status": body["status"]}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": body["status"]}
     s = write.status
     assert s["phase"] == "Pending"
     assert "nextRetryAfter" not in s
@@ -530,7 +536,7 @@ def test_requeue_puts_a_failed_order_back_with_retries_reset() -> None:
     body = failed()
     assert body["status"]["phase"] == "Failed"
     write = lc.requeue(read(body), NOW + seconds(5))
-    assert write.guards == {"/status": body["status"]}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": body["status"]}
     s = write.status
     assert s["phase"] == "Pending"
     assert s["retryCount"] == 0
@@ -655,6 +661,7 @@ def test_json_patch_tests_every_guard_first_then_sets_the_status() -> None:
     write = lc.fail(read(claimed()), AGENT_A, 1, "boom", NOW)
     ops = json_patch(write)
     assert ops == [
+        {"op": "test", "path": "/metadata/uid", "value": ORDER_UID},
         {"op": "test", "path": "/status/phase", "value": "Claimed"},
         {"op": "test", "path": "/status/claimedBy", "value": AGENT_A},
         {"op": "test", "path": "/status/attempt", "value": 1},
@@ -668,9 +675,133 @@ def test_json_patch_of_an_operator_write_tests_the_whole_status() -> None:
     write = lc.due(read(body), NOW + seconds(120))
     ops = json_patch(write)
     assert ops == [
+        {"op": "test", "path": "/metadata/uid", "value": ORDER_UID},
         {"op": "test", "path": "/status", "value": body["status"]},
         {"op": "add", "path": "/status", "value": write.status},
     ]
+
+
+# --- fencing by uid -----------------------------------------------------------------------------
+
+OTHER_UID = "0b7e3c52-9d4e-4f61-8a2b-1c3d5e7f9a0b"
+
+
+def recreated(body: dict[str, Any]) -> dict[str, Any]:
+    """The same name deleted and created again: a new uid, the same status values."""
+    return {**body, "metadata": {**body["metadata"], "uid": OTHER_UID}}
+
+
+@HOLDER_TRANSITIONS
+def test_a_handle_of_a_deleted_order_cannot_touch_a_recreated_one_with_the_same_attempt(transition: Any) -> None:
+    old = claimed()  # attempt 1 of agent A
+    new = recreated(claimed())  # re-created, claimed again by the same agent: attempt 1 again
+    write = transition(read(old), AGENT_A, 1)
+    with pytest.raises(GuardFailed, match="/metadata/uid"):
+        store(new, write)
+
+
+def test_every_transition_tests_the_uid_first() -> None:
+    body = claimed({"claimTimeoutSeconds": 60})
+    writes = [
+        lc.initialise(make_order(status=CRD_DEFAULT_STATUS), T_INIT),
+        lc.claim(read(pending()), A, NOW),
+        lc.renew(read(body), AGENT_A, 1, NOW),
+        lc.expire(read(body), NOW + seconds(61)),
+        lc.due(read(retry_pending()), NOW + seconds(120)),
+        lc.requeue(read(failed()), NOW),
+        lc.waiting(read(pending()), "Why", "because", NOW),
+        lc.sync_conditions(read(with_status(body, phase="Completed")), NOW),
+    ]
+    for write in writes:
+        assert next(iter(json_patch(write))) == {"op": "test", "path": "/metadata/uid", "value": ORDER_UID}
+
+
+# --- conditions: the operator's backstop --------------------------------------------------------
+
+
+def minimal_agent(body: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """What an agent following SPEC.md's transitions table literally writes: those fields only."""
+    return with_status(body, **fields)
+
+
+def test_conditions_of_an_sdk_written_order_already_match() -> None:
+    for body in (pending(), claimed(), retry_pending(), failed()):
+        assert lc.conditions_true(read(body))
+        assert lc.plan(read(body)).action != Action.CONDITIONS
+
+
+@pytest.mark.parametrize(
+    ("fields", "succeeded", "reason"),
+    [
+        ({"phase": "Completed", "completedAt": format_time(NOW), "result": "sha256:1"}, "True", "Completed"),
+        ({"phase": "Failed", "completedAt": format_time(NOW), "result": "x", "lastError": "x"}, "False", "Failed"),
+        ({"phase": "RetryPending", "retryCount": 1, "nextRetryAfter": format_time(NOW)}, "Unknown", "RetryBackoff"),
+        ({"phase": "Pending", "claimedBy": None, "claimedAt": None}, "Unknown", "Pending"),
+    ],
+)
+def test_the_operator_writes_conditions_for_a_phase_a_minimal_agent_wrote(
+    fields: dict[str, Any], succeeded: str, reason: str
+) -> None:
+    body = minimal_agent(claimed(), **fields)
+    order = read(body)
+    assert not lc.conditions_true(order)
+    assert lc.plan(order).action == Action.CONDITIONS
+    write = lc.sync_conditions(order, NOW + SECOND)
+    after = store(body, write)
+    assert conditions(after["status"])["Succeeded"]["status"] == succeeded
+    assert conditions(after["status"])["Succeeded"]["reason"] == reason
+    # Only conditions and observedGeneration change: the agent's fields stay as written.
+    assert {k: v for k, v in after["status"].items() if k not in ("conditions", "observedGeneration")} == {
+        k: v for k, v in body["status"].items() if k not in ("conditions", "observedGeneration")
+    }
+    assert lc.conditions_true(read(after))
+    with pytest.raises(TransitionError):
+        lc.sync_conditions(read(after), NOW + SECOND)  # once: nothing to write when they match
+
+
+def test_a_minimal_claim_of_a_new_order_gets_its_conditions_and_then_its_expiry() -> None:
+    body = minimal_agent(
+        order_body({"claimTimeoutSeconds": 60}),
+        phase="Claimed", claimedBy=AGENT_A, claimedAt=format_time(NOW), attempt=1,
+    )  # fmt: skip
+    assert lc.plan(read(body)) == Plan(Action.CONDITIONS, CREATED)
+    after = store(body, lc.sync_conditions(read(body), NOW))
+    assert lc.plan(read(after)) == Plan(Action.EXPIRE, NOW + seconds(60))
+
+
+def test_a_stale_observed_generation_is_corrected() -> None:
+    body = with_status(claimed(), observedGeneration=0)
+    assert lc.plan(read(body)).action == Action.CONDITIONS
+
+
+def test_the_conditions_write_never_overwrites_an_agents_write_it_has_not_seen() -> None:
+    body = minimal_agent(claimed(), phase="Completed", completedAt=format_time(NOW), result="r")
+    write = lc.sync_conditions(read(body), NOW)
+    with pytest.raises(GuardFailed):
+        store(with_status(body, result="changed"), write)
+
+
+def test_a_waiting_reason_on_a_pending_order_is_kept() -> None:
+    body = store(pending(), lc.waiting(read(pending()), "ShipwrightNotInstalled", "no Shipwright", NOW))
+    assert lc.conditions_true(read(body))
+
+
+# --- agent clocks -------------------------------------------------------------------------------
+
+
+def test_a_claim_stamped_years_ahead_expires_a_timeout_after_the_operator_saw_it() -> None:
+    years_ahead = NOW + dt.timedelta(days=3 * 365)
+    body = claimed({"claimTimeoutSeconds": 60}, at=years_ahead)
+    assert lc.claim_deadline(read(body), seen_at=NOW) == NOW + seconds(60)
+    assert lc.plan(read(body), seen_at=NOW) == Plan(Action.EXPIRE, NOW + seconds(60))
+    assert lc.expire(read(body), NOW + seconds(60), seen_at=NOW).status["phase"] == "Pending"
+
+
+def test_a_renewal_stamped_ahead_is_believed_within_the_tolerance() -> None:
+    body = with_status(claimed({"claimTimeoutSeconds": 60}), renewedAt=format_time(NOW + seconds(5)))
+    assert lc.claim_deadline(read(body), seen_at=NOW) == NOW + seconds(65)
+    far = with_status(body, renewedAt=format_time(NOW + dt.timedelta(days=400)))
+    assert lc.claim_deadline(read(far), seen_at=NOW) == NOW + seconds(60)
 
 
 # --- what mutation testing asked for (make mutation) --------------------------------------------
@@ -839,7 +970,7 @@ def test_refusals_say_what_the_order_is_and_what_it_should_be() -> None:
 def test_waiting_says_why_on_a_pending_order_and_leaves_it_claimable() -> None:
     body = pending()
     write = lc.waiting(read(body), "NoBuildAgent", "no build agent runs", NOW)
-    assert write.guards == {"/status": body["status"]}
+    assert write.guards["/status"] == body["status"]
     s = write.status
     assert (s["phase"], s["attempt"], s["retryCount"]) == ("Pending", 0, 0)
     assert {c["reason"] for c in s["conditions"]} == {"NoBuildAgent"}

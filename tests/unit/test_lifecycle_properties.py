@@ -157,6 +157,7 @@ class ClaimProtocol(RuleBasedStateMachine):
                 raise TransitionError("nothing due")
             return {
                 lc.Action.INITIALISE: lambda: lc.initialise(o, self.now),
+                lc.Action.CONDITIONS: lambda: lc.sync_conditions(o, self.now),
                 lc.Action.EXPIRE: lambda: lc.expire(o, self.now),
                 lc.Action.DUE: lambda: lc.due(o, self.now),
             }[plan.action]()
@@ -231,6 +232,8 @@ class ClaimProtocol(RuleBasedStateMachine):
         elif name == "due":
             assert moves == ("RetryPending", "Pending") and r_new == r_old
             assert self.now >= parse_time(old["nextRetryAfter"]), "a retry before its time"
+        elif name == "conditions":  # the operator's backstop: nothing but conditions changes
+            assert moves[0] == moves[1] and r_new == r_old
         elif name == "requeue":
             assert moves == ("Failed", "Pending") and r_new == 0
         else:  # initialise, reject
