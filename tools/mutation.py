@@ -51,6 +51,10 @@ def stage(module: str) -> Path:
     """The module's staging directory with a fresh copy of the package and the tests (mtimes
     kept, so mutmut's cache sees what changed)."""
     where = STAGE / module
+    staged, source = where / "src" / PACKAGE / f"{module}.py", ROOT / "operator" / PACKAGE / f"{module}.py"
+    if not staged.exists() or staged.read_bytes() != source.read_bytes():
+        # mutmut maps a new function only to new tests: after a source change, collect from all.
+        (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     for origin, copy in ((ROOT / "operator" / PACKAGE, where / "src" / PACKAGE), (ROOT / "tests", where / "tests")):
         if copy.exists():
             shutil.rmtree(copy)

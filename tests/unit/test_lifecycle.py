@@ -7,6 +7,7 @@ shows up as `GuardFailed`.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from typing import Any
 
@@ -1019,3 +1020,79 @@ def test_an_expiry_keeps_its_reason_in_the_history() -> None:
     write = lc.expire(read(claimed()), NOW + seconds(3600))
     assert write.status["history"][-1]["message"] == write.message
     assert write.status["lastError"] == write.message
+
+
+# --- the conditions backstop, as mutation testing asked for -------------------------------------
+
+
+def conditions_of(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """`body` with some fields of its conditions changed: {type: {field: value}}."""
+    status = copy.deepcopy(body["status"])
+    for c in status["conditions"]:
+        c.update(changes.get(c["type"], {}))
+    return {**body, "status": status}
+
+
+def test_conditions_are_true_only_when_every_one_says_the_phase() -> None:
+    assert lc.conditions_true(make_order(status={}))  # no phase yet: nothing to say
+    body = claimed()
+    assert lc.conditions_true(read(body))
+    assert not lc.conditions_true(read(conditions_of(body, Reconciling={"status": "False"})))
+    assert not lc.conditions_true(read(conditions_of(body, Succeeded={"status": "True"})))
+    assert not lc.conditions_true(read(conditions_of(body, Stalled={"observedGeneration": 0})))
+    done = failed()
+    assert lc.conditions_true(read(done))
+    assert not lc.conditions_true(read(conditions_of(done, Stalled={"status": "False"})))
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"phase": "Claimed"}, f"claimed by agent {AGENT_A} (attempt 1)"),
+        (
+            {"phase": "RetryPending", "retryCount": 1, "lastError": "boom", "nextRetryAfter": format_time(NOW)},
+            f"attempt 1 failed: boom; retry 1 after {format_time(NOW)}",
+        ),
+        ({"phase": "RetryPending", "retryCount": 1}, "attempt 1 failed: no reason given; retry 1"),
+        ({"phase": "Completed"}, f"completed by agent {AGENT_A} in attempt 1"),
+        ({"phase": "Completed", "claimedBy": None}, "completed"),
+        ({"phase": "Failed", "lastError": "disk full", "result": "r"}, "failed: disk full"),
+        ({"phase": "Failed", "result": "bad input"}, "failed: bad input"),
+        ({"phase": "Failed"}, "failed: no reason given"),
+        ({"phase": "Pending", "claimedBy": None, "claimedAt": None}, "waiting for an agent"),
+    ],
+)
+def test_what_the_backstop_says_for_a_phase_a_minimal_agent_wrote(fields: dict[str, Any], said: str) -> None:
+    body = minimal_agent(with_status(claimed(), observedGeneration=0), **fields)
+    write = lc.sync_conditions(read(body), NOW + SECOND)
+    assert write.transition == "conditions"
+    assert write.message == said
+    assert {c["message"] for c in write.status["conditions"]} == {said}
+
+
+def test_the_backstop_keeps_what_did_not_change_and_stamps_a_missing_update_time() -> None:
+    # Claimed conditions since T_INIT; a minimal agent writes Completed and no updatedAt.
+    body = minimal_agent(claimed(), phase="Completed", updatedAt=None)
+    after = lc.sync_conditions(read(body), NOW + SECOND).status
+    moved = {c["type"]: c["lastTransitionTime"] for c in after["conditions"]}
+    assert moved == {
+        "Succeeded": format_time(NOW + SECOND),
+        "Reconciling": format_time(NOW + SECOND),
+        "Stalled": format_time(T_INIT),  # False before and after: it did not transition
+    }
+    assert after["updatedAt"] == format_time(NOW + SECOND)
+    # An update time the agent wrote is its own.
+    stamped = minimal_agent(claimed(), phase="Completed", updatedAt=format_time(NOW))
+    assert lc.sync_conditions(read(stamped), NOW + SECOND).status["updatedAt"] == format_time(NOW)
+
+
+def test_the_backstop_refuses_when_there_is_nothing_to_write() -> None:
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1: conditions already match phase Claimed$"):
+        lc.sync_conditions(read(claimed()), NOW)
+
+
+def test_an_agent_clock_ahead_by_exactly_the_tolerance_is_believed() -> None:
+    assert lc.agent_time(NOW + lc.CLOCK_TOLERANCE, NOW) == NOW + lc.CLOCK_TOLERANCE
+    assert lc.agent_time(NOW + lc.CLOCK_TOLERANCE + MICROSECOND, NOW) == NOW
+    assert lc.agent_time(None, NOW) is None
+    assert lc.agent_time(NOW + seconds(3600), None) == NOW + seconds(3600)
