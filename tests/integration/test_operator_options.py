@@ -125,7 +125,9 @@ def test_build_concurrency_bounds_the_builds_in_flight(cluster: Cluster, namespa
         return {n: a.read(namespace, n).status.phase for n in ("b1", "b2")}
 
     wait_for(lambda: "Claimed" in phases().values(), timeout=30, what="one build to be claimed")
-    waiting = next(n for n, p in phases().items() if p == "Pending")
+    now = phases()
+    waiting = next((n for n, p in now.items() if p == "Pending"), None)
+    assert waiting is not None, f"two builds at once with --build-concurrency 1: {now}"
     # Initialised: the grace in which any agent could have claimed it has passed, and the build
     # agent, busy with the other, did not.
     wait_for(lambda: initialised(a, namespace, waiting), timeout=30, what=f"{waiting} to be initialised")
