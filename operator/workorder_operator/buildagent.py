@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import urllib3
 from kubernetes import client
@@ -77,6 +78,8 @@ class BuildAgent:
         ]  # fmt: skip
         self.agent = self.agents[0]
         self.shipwright = Shipwright(api, field_manager)
+        # Where refusals are told (the operator points this at its engine's rate-limited events).
+        self.post: Callable[[WorkOrder, str, str, str], None] = partial(post_event, api)
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -176,18 +179,19 @@ class BuildAgent:
         try:
             plan = build.parse_content(order.spec.yaml_content, order.namespace)
         except build.ContentError as exc:
-            raise Failure(str(exc), retryable=False) from exc
+            raise self._refused(order, str(exc)) from exc
         for doc in plan.builds:
             try:
                 self.shipwright.apply_build(order, doc)
             except NotOurs as exc:
-                raise Failure(f"{BUILD_NAME_TAKEN}: {exc}", retryable=False) from None
+                raise self._refused(order, f"{BUILD_NAME_TAKEN}: {exc}") from None
             except ApiException as exc:
                 if exc.status in (429, 500, 502, 503, 504) and "typed" not in (exc.body or ""):
                     raise  # the API server is busy or away: a retryable failure
                 # Refused for what it is (invalid for the Build schema, forbidden...): no retry helps.
-                raise Failure(f"Build {doc['metadata']['name']!r} refused by the API server: {explain(exc)}",
-                              retryable=False) from None  # fmt: skip
+                raise self._refused(
+                    order, f"Build {doc['metadata']['name']!r} refused by the API server: {explain(exc)}"
+                ) from None
         self._wait_registered(claim, plan.run)
         name = build.buildrun_name(order.name, claim.attempt)
         try:
@@ -232,7 +236,13 @@ class BuildAgent:
             raise Failure(f"Build {build_name!r} was deleted before it was registered", retryable=False)
         ok, why = build.registration(registered)
         if not ok:
-            raise Failure(f"Build {build_name!r} is not valid: {why}", retryable=False)
+            raise self._refused(claim.order, f"Build {build_name!r} is not valid: {why}")
+
+    def _refused(self, order: WorkOrder, why: str) -> Failure:
+        """A build this agent will not run, whatever the retries: a final failure, and a `Reject`
+        event saying why (the Fail event that follows says only that the attempt failed)."""
+        self.post(order, "Warning", "Reject", f"build refused: {why}")
+        return Failure(why, retryable=False)
 
     def _interrupted(self, claim: Claim) -> bool:
         return claim.lost.is_set() or self.stop.is_set()

@@ -118,6 +118,8 @@ async def startup(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: 
         namespaces=OPTIONS.namespaces,
     )
     STATE.engine = engine
+    if STATE.build_agent is not None:
+        STATE.build_agent.post = engine.event
     STATE.tasks.append(asyncio.create_task(engine.resync_forever(OPTIONS.resync_seconds)))
     metrics.track_engine(engine.tracked_orders, lambda: len(engine.scheduler))
     if OPTIONS.metrics_port:

@@ -297,3 +297,41 @@ def test_status_timestamps_are_rfc3339_with_subseconds(cluster: Cluster, namespa
     stamp = order.raw_status["claimedAt"]
     assert stamp.endswith("Z") and "." in stamp
     assert parse_time(stamp).tzinfo is not None
+
+
+def test_kubectl_events_tell_the_whole_story_of_an_order(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    """Issue 17: claimed by whom, failed (retryable, with the error), retry due, claimed again,
+    completed; and a refused order says why. Read with a real `kubectl events --for`."""
+    from workorder_operator.agent import Agent as SdkAgent
+
+    create_order(cluster.api, namespace, "story", backoffSeconds=1)
+    sdk = SdkAgent(cluster.api, str(uuid.uuid4()), namespace=namespace)
+    first = sdk.claim(WorkOrder.from_body(sdk.orders.get(namespace, "story")))
+    assert first is not None
+    first.fail("disk full")
+    second = wait_for(lambda: sdk.claim_next(), timeout=15, what="the retry to fall due")
+    second.complete("sha256:abc")
+    create_order(cluster.api, namespace, "refused", workType="build", yamlContent="kind: ConfigMap\n")
+
+    def told(name: str, count: int) -> list[str] | None:
+        out = kubectl(cluster, "events", "-n", namespace, "--for", f"workorder/{name}", "-o", "json")
+        items = json.loads(out)["items"] if out.strip().startswith("{") else []  # else "No events found."
+        lines = [f"{e['type']} {e['reason']}: {e['message']}" for e in items]
+        return lines if len(lines) >= count else None
+
+    story = wait_for(lambda: told("story", 5), timeout=15, what="five events on wo/story")
+    user = sdk.user
+    assert any(s.startswith("Normal Claim: attempt 1 claimed by agent " + sdk.id + f" (user {user})") for s in story)
+    assert any(
+        s.startswith("Warning Fail: attempt 1 of agent") and "retryable" in s and "disk full" in s for s in story
+    )
+    assert any(s.startswith("Normal Due: retry 1 of 3 due") for s in story)
+    assert any(s.startswith("Normal Claim: attempt 2 claimed by agent " + sdk.id) for s in story)
+    assert any(s == f"Normal Complete: attempt 2 completed by agent {sdk.id}: result sha256:abc" for s in story)
+    assert len(story) == 5, story  # once each: no replica, no echo of our own write posts twice
+    refused = wait_for(lambda: told("refused", 1), timeout=15, what="a Reject event on wo/refused")
+    assert refused[0].startswith("Warning Reject: rejected: ") and "ConfigMap" in refused[0], refused
+    # The plain table a person reads says the same.
+    assert "attempt 2 completed" in kubectl(cluster, "events", "-n", namespace, "--for", "wo/story")
