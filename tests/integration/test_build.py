@@ -36,6 +36,17 @@ def build_order(cluster: Cluster, namespace: str, name: str, content: str, **spe
     create_order(cluster.api, namespace, name, workType="build", yamlContent=content, **spec)
 
 
+def reject_event(cluster: Cluster, namespace: str, name: str, said: str) -> str:
+    """The Warning `Reject` event a refused build leaves, with its reason (issue 17)."""
+
+    def find() -> str | None:
+        events = client.CoreV1Api(cluster.api).list_namespaced_event(namespace).items
+        return next((e.message for e in events if e.involved_object.name == name and e.reason == "Reject"
+                     and e.type == "Warning" and said in e.message), None)  # fmt: skip
+
+    return wait_for(find, timeout=15, what=f"a Reject event on {name} saying {said!r}")
+
+
 def exists(sw: Shipwright, plural: str, name: str) -> dict[str, Any] | None:
     return sw.get(plural, name)
 
@@ -116,6 +127,7 @@ def test_registration_failure_fails_with_shipwrights_reason(
     assert "BuildStrategyNotFound" in (failed.status.result or "")
     assert "kaniko does not exist" in (failed.status.result or "")
     assert exists(sw, BUILDRUNS, "badbuild-1") is None
+    assert "kaniko does not exist" in reject_event(cluster, namespace, "badbuild", "BuildStrategyNotFound")
 
 
 CONFIGMAP = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: sneaky\ndata:\n  a: b\n"
@@ -142,6 +154,7 @@ def test_content_the_operator_must_not_run_fails_at_once(
     failed = wait_for(lambda: phase(cluster, namespace, "bad", "Failed"), timeout=15)
     assert said in (failed.status.result or ""), failed.status.result
     assert failed.status.retry_count == 0
+    reject_event(cluster, namespace, "bad", said)
     core = client.CoreV1Api(cluster.api)
     assert "sneaky" not in [c.metadata.name for c in core.list_namespaced_config_map(namespace).items]
     sw = Shipwright(cluster.api, namespace)
