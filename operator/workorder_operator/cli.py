@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +49,7 @@ EXIT_CODES = {
     "nothing-to-claim": 8,
     "no-file": 9,
     "no-namespace": 10,
+    "no-command": 11,
 }
 EX_TEMPFAIL = 75
 OUTPUT_TAIL = 4096
@@ -412,6 +415,42 @@ class CommandRunner:
         self._print = threading.Lock()
 
     def __call__(self, claim: Claim) -> str:
+        """Run the command and report the outcome itself, so each order gets one line saying how
+        its attempt ended (the SDK would report it silently)."""
+        where = f"{claim.order.key} attempt {claim.attempt}"
+        self._say(f"{where}: claimed")
+        started = time.monotonic()
+        try:
+            try:
+                result = self._run(claim)
+            except _CommandFailed as exc:
+                claim.fail(str(exc), retryable=exc.retryable)
+                s, spec = claim.order.status, claim.order.spec
+                took = time.monotonic() - started
+                if s.phase == Phase.RETRY_PENDING:
+                    after = f" after {s.next_retry_after:%H:%M:%S}" if s.next_retry_after else ""
+                    self._say(f"{where}: failed (retryable: {exc.short}) in {took:.1f}s; "
+                              f"retry {s.retry_count} of {spec.max_retries}{after}")  # fmt: skip
+                else:
+                    self._say(f"{where}: failed (final: {exc.short}) in {took:.1f}s")
+                return ""
+            if result is None:
+                self._say(f"{where}: released (agent shutting down) after {time.monotonic() - started:.1f}s")
+                return ""
+            claim.complete(result)
+            self._say(f"{where}: completed in {time.monotonic() - started:.1f}s")
+        except ClaimLost as exc:
+            self._say(f"{where}: claim lost after {time.monotonic() - started:.1f}s ({exc})")
+            raise
+        return ""
+
+    def _say(self, line: str) -> None:
+        with self._print:
+            print(line, file=sys.stderr, flush=True)
+
+    def _run(self, claim: Claim) -> str | None:
+        """The command's result (the last line of its output); None when released on shutdown;
+        `_CommandFailed` when it failed."""
         o = claim.order
         env = dict(
             os.environ,
@@ -420,10 +459,14 @@ class CommandRunner:
             WORKORDER_RETRY_COUNT=str(o.status.retry_count), WORKORDER_AGENT_ID=claim.agent.id,
             WORKORDER_PRIORITY=str(o.spec.priority), WORKORDER_HANDLE=handle(o, claim.agent.id),
         )  # fmt: skip
-        proc = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            start_new_session=True,
-        )  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:  # checked at start-up, but gone or changed since
+            why = f"cannot run {self.command[0]}: {exc.strerror or exc}"
+            raise _CommandFailed(why, True, why) from None
         tails: dict[str, list[str]] = {"out": [], "err": []}
         pumps = [
             threading.Thread(target=self._pump, args=(proc.stdout, o.name, tails["out"], sys.stdout), daemon=True),
@@ -438,14 +481,16 @@ class CommandRunner:
         out, err = "".join(tails["out"])[-OUTPUT_TAIL:].strip(), "".join(tails["err"])[-OUTPUT_TAIL:].strip()
         if outcome == "stopped":
             claim.release("agent shutting down")
-            return ""
+            return None
         if outcome == "timeout":
-            raise Failure(f"timed out after {self.timeout:g}s" + (f": {err}" if err else ""), retryable=True)
+            took = f"timed out after {self.timeout:g}s"
+            raise _CommandFailed(took, True, took + (f": {err}" if err else ""))
         code = proc.returncode
         if code == 0:
             # The result is the last line printed (a digest, a URL, a count); the full output was streamed.
             return out.splitlines()[-1] if out else ""
-        raise Failure(f"exit code {code}" + (f": {err or out}" if err or out else ""), retryable=code in self.retryable)
+        error = f"exit code {code}" + (f": {err or out}" if err or out else "")
+        raise _CommandFailed(f"exit {code}", code in self.retryable, error)
 
     def _wait(self, proc: subprocess.Popen[bytes]) -> str:
         waited = 0.0
@@ -485,6 +530,15 @@ class CommandRunner:
                 kept -= len(tail.pop(0))
 
 
+class _CommandFailed(Failure):
+    """The command failed: `short` is what the one-line report says (exit 75), the error stored
+    on the order adds the tail of its output."""
+
+    def __init__(self, short: str, retryable: bool, error: str) -> None:
+        super().__init__(error, retryable=retryable)
+        self.short = short
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the command's process group, SIGKILL after 5 s."""
     try:
@@ -497,6 +551,16 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
+def _check_command(program: str) -> None:
+    """Before anything is claimed: a mistyped command would fail every order it takes."""
+    path = program if os.sep in program else shutil.which(program)
+    if path is None or not os.path.isfile(path):
+        where = "" if os.sep in program else " on PATH"
+        raise CliError("no-command", f"command {program!r} not found{where}; nothing was claimed")
+    if not os.access(path, os.X_OK):
+        raise CliError("no-command", f"command {program!r} is not executable (chmod +x {path}); nothing was claimed")
+
+
 def cmd_agent_run(s: Session, args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
@@ -505,6 +569,7 @@ def cmd_agent_run(s: Session, args: argparse.Namespace) -> int:
         raise CliError(
             "usage", "agent run needs a command after --, e.g. kubectl workorder agent run --type test -- ./run.sh"
         )
+    _check_command(command[0])
     agent = _agent(s, args)
     # Fail fast with a readable error if the cluster or the CRD is not there.
     s.orders.list(agent.namespace, field_selector=agent._selector())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -241,6 +242,43 @@ def test_agent_run_turns_a_script_into_an_agent(cluster: Cluster, namespace: str
         out = stop_agent(proc)
     assert proc.returncode == 0, out
     assert "[good] working on good attempt 1" in out
+    # One line per order says how its attempt ended (issue 17), not just the start-up line.
+    lines = out.splitlines()
+    for name in ("good", "flaky", "broken"):
+        assert f"{namespace}/{name} attempt 1: claimed" in lines, out
+    assert any(re.fullmatch(rf"{namespace}/good attempt 1: completed in \d+\.\ds", line) for line in lines), out
+    assert any(re.fullmatch(rf"{namespace}/flaky attempt 1: failed \(retryable: exit 75\) in \d+\.\ds; "
+                            r"retry 1 of 3 after \d\d:\d\d:\d\d", line) for line in lines), out  # fmt: skip
+    assert any(re.fullmatch(rf"{namespace}/broken attempt 1: failed \(final: exit 3\) in \d+\.\ds", line)
+               for line in lines), out  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["missing", "not-executable"])
+def test_agent_run_refuses_a_command_it_cannot_run_and_claims_nothing(
+    cluster: Cluster, namespace: str, tmp_path: Path, mode: str
+) -> None:
+    create_order(cluster.api, namespace, "waiting", workType="script")
+    script = tmp_path / "wrok.sh"
+    if mode == "not-executable":
+        script.write_text("#!/bin/sh\nexit 0\n")
+    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
+    result = subprocess.run(
+        ["kubectl", "workorder", "agent", "run", "-n", namespace, "--type", "script", "--", str(script)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 11, result
+    said = {
+        "missing": f"error: command '{script}' not found; nothing was claimed",
+        "not-executable": f"error: command '{script}' is not executable (chmod +x {script}); nothing was claimed",
+    }
+    assert result.stderr.strip() == said[mode]
+    bare = subprocess.run(["kubectl", "workorder", "agent", "run", "-n", namespace, "--", "no-such-tool-xyz"],
+                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert (bare.returncode, bare.stderr.strip()) == (
+        11,
+        "error: command 'no-such-tool-xyz' not found on PATH; nothing was claimed",
+    )
+    assert Agent(cluster.api, AGENT_ID).read(namespace, "waiting").status.phase == "Pending"
 
 
 def test_agent_run_sigterm_releases_in_flight_orders(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
