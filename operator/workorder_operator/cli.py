@@ -37,6 +37,7 @@ from workorder_operator.kube import NotFound, WorkOrders, api_client
 from workorder_operator.kube import explain as api_message
 from workorder_operator.model import GROUP, PLURAL, VERSION, Phase, WorkOrder, utcnow
 from workorder_operator.seed import seed_view
+from workorder_operator.targeting import check_agent_id
 
 EXIT_CODES = {
     "error": 1,
@@ -82,11 +83,21 @@ def parse_handle(text: str) -> tuple[str, str, str, int, str]:
         namespace, name = where.split("/")
         if not (namespace and name and uid and agent_id):
             raise ValueError(text)
-        return namespace, name, uid, int(attempt), agent_id
+        number = int(attempt)
     except ValueError:
         raise CliError(
             "usage", f"not a claim handle: {text!r}; expected NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID as printed by claim"
         ) from None
+    _valid_id(agent_id, "the handle's agent id", f"{namespace}/{name}")
+    return namespace, name, uid, number, agent_id
+
+
+def _valid_id(agent_id: str, field: str, order: str | None = None) -> str:
+    """A usage error naming the field (and the order meant) for an agent id that is not a UUID."""
+    try:
+        return check_agent_id(agent_id, field)
+    except ValueError as exc:
+        raise CliError("usage", (f"workorder {order}: " if order else "") + str(exc)) from None
 
 
 # --- connection and errors ----------------------------------------------------------------------
@@ -326,6 +337,8 @@ def cmd_requeue(s: Session, args: argparse.Namespace) -> int:
 
 
 def _agent(s: Session, args: argparse.Namespace) -> Agent:
+    name = getattr(args, "name", None)
+    _valid_id(args.id, "--id (or $WORKORDER_AGENT_ID)", f"{s.namespace}/{name}" if name else None)
     return Agent(
         s.api, args.id, work_types=args.type or (), labels=args.label or (),
         annotations=dict(_key_value(a) for a in args.annotation or ()),
@@ -359,6 +372,7 @@ def _exact_claim(s: Session, args: argparse.Namespace) -> tuple[str, str, str, i
             f"{args.command} {args.claim}: also pass {', '.join(missing)} (or the handle claim printed, "
             "NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID): holder commands act only on the exact claim you were given",
         )
+    _valid_id(args.id, "--id (or $WORKORDER_AGENT_ID)", f"{s.namespace}/{args.claim}")
     return s.namespace, args.claim, args.uid, args.attempt, args.id
 
 
@@ -375,12 +389,19 @@ def _held(s: Session, args: argparse.Namespace) -> Claim:
             "claim-lost",
             f"workorder {order.key} was deleted and created again (uid {order.uid}, not {uid}): the claim is lost",
         )
+    if st.phase is not None and st.phase.terminal:
+        by = f" by agent {st.claimed_by} in attempt {st.attempt}" if st.claimed_by else ""
+        at = f" at {order.raw_status['completedAt']}" if order.raw_status.get("completedAt") else ""
+        yours = " (your attempt)" if st.claimed_by == agent_id and st.attempt == attempt else ""
+        raise CliError(
+            "claim-lost", f"workorder {order.key} is already {st.phase}{by}{at}{yours}: nothing left to {args.command}"
+        )
     if st.phase != Phase.CLAIMED or st.claimed_by != agent_id or st.attempt != attempt:
-        holder = f"attempt {st.attempt} of agent {st.claimed_by}" if st.claimed_by else "nobody"
+        now = f"held by attempt {st.attempt} of agent {st.claimed_by}" if st.claimed_by else "held by nobody"
         raise CliError(
             "claim-lost",
-            f"workorder {order.key} is {st.phase} (claim held by {holder}), not attempt {attempt} of "
-            f"agent {agent_id}: the claim is lost or was never taken",
+            f"workorder {order.key} is {st.phase}, {now}; your claim (attempt {attempt} of agent {agent_id}) "
+            "is lost or was never taken",
         )
     return held
 

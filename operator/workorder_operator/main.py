@@ -16,6 +16,14 @@ except ImportError as exc:  # the base install is the SDK and CLI only: say what
 from workorder_operator import handlers
 from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildAgentConfig
 from workorder_operator.leader import LeaseConfig
+from workorder_operator.targeting import check_agent_id
+
+
+def _agent_id(text: str) -> str:
+    try:
+        return check_agent_id(text, "")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,7 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ha.add_argument("--leader-election-name", default="workorder-operator", help="name of the Lease")
     build = parser.add_argument_group("built-in build agent (runs `build` orders with Shipwright)")
     build.add_argument("--no-build-agent", action="store_true", help="leave build orders to external agents")
-    build.add_argument("--build-agent-id", default=DEFAULT_AGENT_ID, help="its agent UUID, for targeting")
+    build.add_argument(
+        "--build-agent-id", default=DEFAULT_AGENT_ID, type=_agent_id, help="its agent UUID, for targeting"
+    )
     build.add_argument("--build-agent-label", action="append", help="its labels (repeatable; default: shipwright)")
     build.add_argument("--build-agent-annotation", action="append", default=[], help="its annotations KEY=VALUE")
     build.add_argument("--build-concurrency", type=int, default=4, help="builds run at once (default 4)")

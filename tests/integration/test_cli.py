@@ -82,10 +82,14 @@ def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> N
     got = json.loads(ok(kubectl(cluster, "get", "high", "-n", namespace, "-o", "json")))
     assert got["status"]["phase"] == "Completed" and got["status"]["result"] == "sha256:feed"
 
-    # Completing again: the claim is over -> exit 7 with a one-line reason.
+    # Completing again: the claim is over -> exit 7 with a one-line reason that says so plainly.
     again = kubectl(cluster, "complete", handle)
     assert again.returncode == 7
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert again.stderr.strip() == (
+        f"error: workorder {namespace}/high is already Completed by agent {AGENT_ID} in attempt 1 at "
+        f"{got['status']['completedAt']} (your attempt): nothing left to complete"
+    )
 
     claimed = json.loads(ok(kubectl(cluster, "claim", "low", "-n", namespace, "--id", AGENT_ID, "-o", "json")))
     # The handle spelled out: NAME with --uid, --attempt and --id.
@@ -95,6 +99,35 @@ def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> N
 
     nothing = kubectl(cluster, "claim", "-n", namespace, "--id", AGENT_ID, "--type", "nonexistent")
     assert nothing.returncode == 8 and "nothing to claim" in nothing.stderr
+
+
+def test_agent_ids_must_be_uuids_and_errors_name_the_field_and_the_order(cluster: Cluster, namespace: str) -> None:
+    """Issue 17: `--id notauuid` used to claim (an agent no targeting can name), and a 47-character
+    id got the API server's raw error about whichever order it tried first."""
+    create_order(cluster.api, namespace, "meant")
+    create_order(cluster.api, namespace, "other", priority=5)
+    bad = kubectl(cluster, "claim", "-n", namespace, "--id", "notauuid")
+    assert bad.returncode == 2, bad
+    assert bad.stderr.startswith("error: --id (or $WORKORDER_AGENT_ID) 'notauuid' is not a UUID"), bad.stderr
+    long_id = str(uuid.uuid4()) + "-abcdefghij"  # 47 characters
+    named = kubectl(cluster, "claim", "meant", "-n", namespace, "--id", long_id)
+    assert named.returncode == 2
+    assert named.stderr.startswith(f"error: workorder {namespace}/meant: --id (or $WORKORDER_AGENT_ID) '{long_id}'")
+    assert "other" not in named.stderr and "Too long" not in named.stderr, named.stderr
+    env_id = subprocess.run(["kubectl", "workorder", "claim", "-n", namespace], capture_output=True, text=True,
+                            env=dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), WORKORDER_AGENT_ID="agent-7"),
+                            timeout=60)  # fmt: skip
+    assert env_id.returncode == 2 and "'agent-7' is not a UUID" in env_id.stderr, env_id.stderr
+    uid = Agent(cluster.api, AGENT_ID).read(namespace, "meant").uid
+    handle = kubectl(cluster, "complete", f"{namespace}/meant:{uid}:1:{long_id}")
+    assert handle.returncode == 2
+    assert handle.stderr.startswith(f"error: workorder {namespace}/meant: the handle's agent id '{long_id}'")
+    spelled = kubectl(cluster, "release", "meant", "-n", namespace, "--uid", uid, "--attempt", "1", "--id", "x")
+    assert spelled.returncode == 2 and f"workorder {namespace}/meant: --id" in spelled.stderr, spelled.stderr
+    run = kubectl(cluster, "agent", "run", "-n", namespace, "--id", "notauuid", "--", "true")
+    assert run.returncode == 2 and "'notauuid' is not a UUID" in run.stderr, run.stderr
+    a = Agent(cluster.api, AGENT_ID)
+    assert [a.read(namespace, n).status.phase for n in ("meant", "other")] == ["Pending", "Pending"]
 
 
 def test_fail_no_retry_then_requeue(cluster: Cluster, namespace: str) -> None:
