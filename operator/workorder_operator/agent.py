@@ -225,14 +225,16 @@ class Agent:
         labels: Sequence[str] = (),
         annotations: dict[str, str] | None = None,
         namespace: str | None = None,
+        field_manager: str = "workorder-agent",
     ) -> None:
         self.api = api
         agent_id = check_agent_id(id, "Agent id") if id is not None else str(uuid.uuid4())
         self.identity = AgentIdentity(agent_id, tuple(labels), dict(annotations or {}))
         self.work_types = tuple(work_types)
         self.namespace = namespace
-        # One field manager for all agents: managedFields stays one entry however many agents write.
-        self.orders = WorkOrders(api, "workorder-agent")
+        # One field manager for all agents of a kind (the SDK's, the plugin's): managedFields stays
+        # one entry however many agents write.
+        self.orders = WorkOrders(api, field_manager)
         self._user: str | None = None
         # How many of the oldest candidates the run loop spreads its attempts over (grows on lost races).
         self._window = 1

@@ -53,6 +53,8 @@ EXIT_CODES = {
     "no-command": 11,
 }
 EX_TEMPFAIL = 75
+# Named after the tool in managedFields and the API server's audit log, as kubectl names itself.
+FIELD_MANAGER = "kubectl-workorder"
 OUTPUT_TAIL = 4096
 
 
@@ -110,7 +112,8 @@ class Session:
             self.api = api_client(args.kubeconfig, args.context)
         except (config.ConfigException, OSError) as exc:
             raise CliError("unreachable", f"no usable kubeconfig ({exc}); pass --kubeconfig or set KUBECONFIG") from exc
-        self.orders = WorkOrders(self.api, "kubectl-workorder")
+        self.api.user_agent = f"{FIELD_MANAGER}/{__version__}"
+        self.orders = WorkOrders(self.api, FIELD_MANAGER)
 
     @property
     def namespace(self) -> str:
@@ -189,6 +192,8 @@ def age(order: WorkOrder) -> str:
 
 
 def _reason(order: WorkOrder) -> str:
+    if order.raw_status.get("reason"):
+        return str(order.raw_status["reason"])
     return next(
         (str(c.get("reason")) for c in order.raw_status.get("conditions", []) if c.get("type") == "Succeeded"), ""
     )
@@ -221,6 +226,9 @@ def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool) -> str:
 
 def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool) -> None:
     parsed = [WorkOrder.from_body(b) for b in orders]
+    # As kubectl does: managedFields are bookkeeping for the API server, not for people.
+    for body in orders:
+        body.get("metadata", {}).pop("managedFields", None)
     fmt = args.output
     if fmt == "json":
         print(json.dumps(orders[0] if single else {"apiVersion": "v1", "kind": "List", "items": orders}, indent=2))
@@ -274,7 +282,9 @@ def cmd_create(s: Session, args: argparse.Namespace) -> int:
         spec["targeting"] = targeting
     metadata = {"name": args.name} if args.name else {"generateName": f"{args.type}-"}
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkOrder", "metadata": metadata, "spec": spec}
-    created = client.CustomObjectsApi(s.api).create_namespaced_custom_object(GROUP, VERSION, s.namespace, PLURAL, body)
+    created = client.CustomObjectsApi(s.api).create_namespaced_custom_object(
+        GROUP, VERSION, s.namespace, PLURAL, body, field_manager=FIELD_MANAGER
+    )
     if args.output:
         emit([created], args, single=True)
     else:
@@ -342,7 +352,7 @@ def _agent(s: Session, args: argparse.Namespace) -> Agent:
     return Agent(
         s.api, args.id, work_types=args.type or (), labels=args.label or (),
         annotations=dict(_key_value(a) for a in args.annotation or ()),
-        namespace=None if getattr(args, "all_namespaces", False) else s.namespace,
+        namespace=None if getattr(args, "all_namespaces", False) else s.namespace, field_manager=FIELD_MANAGER,
     )  # fmt: skip
 
 
@@ -380,7 +390,7 @@ def _held(s: Session, args: argparse.Namespace) -> Claim:
     """A handle on exactly the claim the caller names; claim-lost if the order no longer holds it."""
     namespace, name, uid, attempt, agent_id = _exact_claim(s, args)
     order = WorkOrder.from_body(s.orders.get(namespace, name))
-    agent = Agent(s.api, agent_id, namespace=namespace)
+    agent = Agent(s.api, agent_id, namespace=namespace, field_manager=FIELD_MANAGER)
     held = Claim(agent, order)
     held.attempt = attempt
     st = order.status

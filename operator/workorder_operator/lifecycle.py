@@ -125,6 +125,7 @@ def _next_status(
     status["observedGeneration"] = order.generation
     old = order.raw_status.get("conditions") or []
     status["conditions"] = _conditions(old, phase, message, now, order.generation, why)
+    status["reason"] = why or str(_PHASE_REASON[phase])
     return status
 
 
@@ -420,6 +421,8 @@ def conditions_true(order: WorkOrder) -> bool:
         if c is None or c.get("status") != cstatus or c.get("observedGeneration") != order.generation:
             return False
     reason = conditions["Succeeded"].get("reason")
+    if order.raw_status.get("reason") != reason:  # the REASON column says what the condition says
+        return False
     if phase == Phase.PENDING:
         return reason not in {str(r) for p, r in _PHASE_REASON.items() if p != Phase.PENDING}
     return reason == str(_PHASE_REASON[phase])
@@ -449,6 +452,7 @@ def sync_conditions(order: WorkOrder, now: dt.datetime) -> StatusWrite:
     status = dict(order.raw_status)
     status["observedGeneration"] = order.generation
     status["conditions"] = _conditions(status.get("conditions") or [], phase, message, now, order.generation)
+    status["reason"] = str(_PHASE_REASON[phase])
     status.setdefault("updatedAt", format_time(now))
     return _write("conditions", order, _unchanged(order), status, message)
 

@@ -18,6 +18,8 @@ from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildAgentConfig
 from workorder_operator.leader import LeaseConfig
 from workorder_operator.targeting import check_agent_id
 
+FULL_FORMAT = "[%(asctime)s] %(name)s [%(levelname)-8.8s] %(message)s"
+
 
 def _agent_id(text: str) -> str:
     try:
@@ -88,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         None if args.no_leader_election else LeaseConfig(args.leader_election_namespace, args.leader_election_name)
     )
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_refkey="workorder")
+    if args.log_format == "full":
+        # kopf's full format cuts logger names at 20 characters (workorder_operator.e): keep them whole.
+        for handler in logging.getLogger().handlers:
+            if handler.formatter is not None:
+                handler.setFormatter(type(handler.formatter)(FULL_FORMAT))
     if not args.verbose:
         # kopf logs every handled watch event at INFO: thousands of lines an hour that say nothing.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)

@@ -58,10 +58,18 @@ def test_create_list_get_seed_and_history(cluster: Cluster, namespace: str, tmp_
     seed = json.loads(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "seed")))
     assert len(seed) == 15 and seed["status"] == "PENDING" and seed["id"] == body["metadata"]["uid"]
     assert seed["yaml_content"] == content.read_text()
-    assert (
-        yaml.safe_load(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "yaml")))["metadata"]["name"]
-        == "nightly"
-    )
+    shown = yaml.safe_load(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "yaml")))
+    assert shown["metadata"]["name"] == "nightly"
+    # As kubectl: no managedFields in -o yaml/json (create -o yaml too); and the field manager is the tool.
+    assert "managedFields" not in shown["metadata"]
+    made = yaml.safe_load(ok(kubectl(cluster, "create", "-n", namespace, "--type", "test", "-f", "-", "-o", "yaml",
+                                     stdin="x: 1\n")))  # fmt: skip
+    assert "managedFields" not in made["metadata"] and made["status"]["reason"] == "Pending"
+    handle = ok(kubectl(cluster, "claim", made["metadata"]["name"], "-n", namespace, "--id", AGENT_ID)).strip()
+    ok(kubectl(cluster, "complete", handle))
+    raw = Agent(cluster.api, AGENT_ID).orders.get(namespace, made["metadata"]["name"])
+    managers = {(m["manager"], m.get("subresource", "")) for m in raw["metadata"]["managedFields"]}
+    assert managers == {("kubectl-workorder", ""), ("kubectl-workorder", "status")}, managers
 
     a = Agent(cluster.api, AGENT_ID, labels=("zone-a",))
     a.fail(a.claim(a.read(namespace, "nightly")), "network down")

@@ -36,7 +36,13 @@ def test_new_order_is_pending_at_once_and_initialised_by_operator(
 ) -> None:
     created = create_order(cluster.api, namespace, "init")
     # CRD defaults: claimable the moment it exists, before the operator has looked at it.
-    assert created["status"] == {"phase": "Pending", "attempt": 0, "retryCount": 0, "observedGeneration": 0}
+    assert created["status"] == {
+        "phase": "Pending",
+        "reason": "Pending",
+        "attempt": 0,
+        "retryCount": 0,
+        "observedGeneration": 0,
+    }
     a = agent(cluster)
     order = wait_for(lambda: (o := a.read(namespace, "init")).raw_status.get("conditions") and o)
     assert condition(order, "Succeeded")["status"] == "Unknown"
@@ -192,11 +198,15 @@ def kubectl(cluster: Cluster, *args: str) -> str:
 
 
 def test_printer_columns_and_kubectl_wait(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    # REASON from the first read of a new order, before the operator or any agent has written anything.
+    create_order(cluster.api, namespace, "newborn")
+    first = kubectl(cluster, "get", "wo", "newborn", "-n", namespace, "-o", "wide").splitlines()
+    assert first[1][first[0].index("REASON") :].split() == ["Pending"], first  # the last column
     create_order(cluster.api, namespace, "shown", backoffSeconds=600)
     a = agent(cluster)
     a.fail(a.claim(a.read(namespace, "shown")), "flaky")
     table = kubectl(cluster, "get", "wo", "-n", namespace)
-    header, row = table.splitlines()[:2]
+    header, row = table.splitlines()[0], next(r for r in table.splitlines() if r.startswith("shown"))
     assert header.split() == ["NAME", "TYPE", "PHASE", "CLAIMED-BY", "RETRIES", "AGE"]
     assert row.split()[:3] == ["shown", "test", "RetryPending"]
     wide = kubectl(cluster, "get", "workorders", "-n", namespace, "-o", "wide")
@@ -331,6 +341,8 @@ def test_kubectl_events_tell_the_whole_story_of_an_order(
     assert any(s.startswith("Normal Claim: attempt 2 claimed by agent " + sdk.id) for s in story)
     assert any(s == f"Normal Complete: attempt 2 completed by agent {sdk.id}: result sha256:abc" for s in story)
     assert len(story) == 5, story  # once each: no replica, no echo of our own write posts twice
+    # Log lines name their logger in full (kopf's format cut it to 20 characters: workorder_operator.e).
+    assert "] workorder_operator.engine [INFO    ]" in operator.log(), operator.log()[-2000:]
     refused = wait_for(lambda: told("refused", 1), timeout=15, what="a Reject event on wo/refused")
     assert refused[0].startswith("Warning Reject: rejected: ") and "ConfigMap" in refused[0], refused
     # The plain table a person reads says the same.
