@@ -316,6 +316,23 @@ def test_kubectl_events_tell_the_whole_story_of_an_order(
     completed; and a refused order says why. Read with a real `kubectl events --for`."""
     from workorder_operator.agent import Agent as SdkAgent
 
+    def told(name: str, count: int) -> list[str] | None:
+        out = kubectl(cluster, "events", "-n", namespace, "--for", f"workorder/{name}", "-o", "json")
+        items = json.loads(out)["items"] if out.strip().startswith("{") else []  # else "No events found."
+        lines = [f"{e['type']} {e['reason']}: {e['message']}" for e in items]
+        return lines if len(lines) >= count else None
+
+    # Transitions made while no operator leads are in the status history, not in events: first
+    # make sure this one leads and watches (its Reject of an order it will not run proves both).
+    create_order(cluster.api, namespace, "refused", workType="build", yamlContent="kind: ConfigMap\n")
+    # Refused at initialisation ("rejected: ...") or, when the build agent claimed it first, by the
+    # build agent ("build refused: ..."): either way a Reject with the reason.
+    wait_for(
+        lambda: any(s.startswith("Warning Reject: ") and "kind ConfigMap" in s for s in told("refused", 1) or []),
+        timeout=30,
+        what="a Reject event on wo/refused",
+    )
+
     create_order(cluster.api, namespace, "story", backoffSeconds=1)
     sdk = SdkAgent(cluster.api, str(uuid.uuid4()), namespace=namespace)
     first = sdk.claim(WorkOrder.from_body(sdk.orders.get(namespace, "story")))
@@ -323,13 +340,6 @@ def test_kubectl_events_tell_the_whole_story_of_an_order(
     first.fail("disk full")
     second = wait_for(lambda: sdk.claim_next(), timeout=15, what="the retry to fall due")
     second.complete("sha256:abc")
-    create_order(cluster.api, namespace, "refused", workType="build", yamlContent="kind: ConfigMap\n")
-
-    def told(name: str, count: int) -> list[str] | None:
-        out = kubectl(cluster, "events", "-n", namespace, "--for", f"workorder/{name}", "-o", "json")
-        items = json.loads(out)["items"] if out.strip().startswith("{") else []  # else "No events found."
-        lines = [f"{e['type']} {e['reason']}: {e['message']}" for e in items]
-        return lines if len(lines) >= count else None
 
     story = wait_for(lambda: told("story", 5), timeout=15, what="five events on wo/story")
     user = sdk.user
@@ -343,7 +353,5 @@ def test_kubectl_events_tell_the_whole_story_of_an_order(
     assert len(story) == 5, story  # once each: no replica, no echo of our own write posts twice
     # Log lines name their logger in full (kopf's format cut it to 20 characters: workorder_operator.e).
     assert "] workorder_operator.engine [INFO    ]" in operator.log(), operator.log()[-2000:]
-    refused = wait_for(lambda: told("refused", 1), timeout=15, what="a Reject event on wo/refused")
-    assert refused[0].startswith("Warning Reject: rejected: ") and "ConfigMap" in refused[0], refused
     # The plain table a person reads says the same.
     assert "attempt 2 completed" in kubectl(cluster, "events", "-n", namespace, "--for", "wo/story")
