@@ -98,8 +98,9 @@ class Engine:
         # The API workers serve transitions only.
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="workorder-api")
         self._content_pool = ThreadPoolExecutor(max_workers=CONTENT_WORKERS, thread_name_prefix="workorder-content")
-        # Events go through their own small pool so a burst of them never queues ahead of transitions.
-        self._event_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workorder-events")
+        # Events go through their own pool so a burst of them never queues ahead of transitions;
+        # one thread, so they are posted (and timestamped) in the order they happened.
+        self._event_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workorder-events")
         self._post_event = post_event
         self._event_tokens = EVENT_BURST
         self._event_refilled = time.monotonic()

@@ -19,7 +19,7 @@ def check_agent_id(value: object, field: str = "agent id") -> str:
     if not isinstance(value, str) or not _UUID.fullmatch(value):
         raise ValueError(
             f"{field} {value!r} is not a UUID (agent ids are UUIDs, e.g. 6f1c2a4e-8d3b-4f7a-9e21-5c0b7d9a1e34; "
-            "uuidgen makes one)"
+            "uuidgen or cat /proc/sys/kernel/random/uuid makes one)"
         )
     return value
 
