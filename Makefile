@@ -34,7 +34,7 @@ venv: $(VENV)/.done ## create this clone's virtualenv (once per dependency set) 
 		|| { echo "error: $(VENV) imports workorder_operator from another clone; remove it and run make again" >&2; exit 1; }
 	@echo "virtualenv: $(VENV)"
 
-binaries: ## build etcd, kube-apiserver and kube-controller-manager into the cache (once)
+binaries: ## build etcd, kube-apiserver, kube-controller-manager and the Shipwright controller into the cache (once)
 	@tools/build-controlplane.sh
 
 lint: venv ## ruff and mypy (strict on the package)

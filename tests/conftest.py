@@ -29,6 +29,20 @@ class Cluster:
     kubeconfig: Path
     api: client.ApiClient
     plane: envtest.ControlPlane | None  # None when TEST_KUBECONFIG points at a cluster we do not own
+    # Whether Shipwright's real controller runs: ours (started below when `make binaries` built
+    # it, which `make test` always does), or the cluster's when TEST_SHIPWRIGHT=1 says it has one.
+    shipwright: bool = False
+
+    def need_shipwright(self) -> None:
+        if not self.shipwright:
+            pytest.skip(
+                "needs Shipwright's controller: run `make binaries` (or TEST_SHIPWRIGHT=1 on a cluster with one)"
+            )
+        proc = self.plane.processes.get(envtest.SHIPWRIGHT_CONTROLLER) if self.plane is not None else None
+        if self.plane is not None and proc is not None and proc.poll() is not None:
+            # Say so, instead of letting every later wait time out.
+            log = (self.plane.directory / f"{envtest.SHIPWRIGHT_CONTROLLER}.log").read_text(errors="replace")
+            pytest.fail(f"Shipwright's controller exited with {proc.returncode}:\n{log[-3000:]}")
 
     def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
         if self.plane is None:
@@ -53,8 +67,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         kubeconfig = plane.kubeconfig
     try:
         api = config.new_client_from_config(str(kubeconfig))
-        envtest.install_crds(api, envtest.workorder_crds() + envtest.shipwright_crds())
-        yield Cluster(kubeconfig, api, plane)
+        envtest.install_crds(api, envtest.workorder_crds())
+        shipwright = False
+        if plane is not None and envtest.shipwright_binary() is not None:
+            plane.start_shipwright()  # installs Shipwright's and Tekton's APIs first
+            shipwright = True
+        else:
+            envtest.install_shipwright(api)
+            shipwright = os.environ.get("TEST_SHIPWRIGHT") == "1"
+        yield Cluster(kubeconfig, api, plane, shipwright)
     finally:
         if plane is not None:
             plane.stop()

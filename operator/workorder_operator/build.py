@@ -302,6 +302,15 @@ class RunOutcome:
 
 _RUNNING = RunOutcome(finished=False, succeeded=False, result="", error="", retryable=False)
 
+# Ours, not Shipwright's: the build agent cancels a BuildRun that has not started in time.
+NOT_STARTED_REASON = "BuildRunNotStarted"
+
+
+# The BuildRun's Succeeded reasons, checked against Shipwright v0.20.13's controller (its
+# pkg/reconciler/buildrun and pkg/validate; the ones tests/integration/test_build.py sees from the
+# real controller are listed in the README). Tekton's own TaskRun reasons that Shipwright passes
+# through (TaskRunImagePullFailed, ...) are in neither set, so they are retried.
+#
 # Failures of the moment: the cluster, the node or the time budget, not the Build itself. Another
 # attempt may well succeed, and maxRetries bounds how often it is tried. (Failed and
 # PipelineRunFailed are a step exiting non-zero, which includes flaky registries and networks.)
@@ -316,12 +325,14 @@ RETRYABLE_REASONS: frozenset[str] = frozenset(
         "SetOwnerReferenceFailed",
         "Failed",
         "PipelineRunFailed",
+        "NodePlatformNotFound",  # no node of the platform yet: nodes come and go
+        NOT_STARTED_REASON,
     }
 )
 
-# Failures of the request: a missing Build, strategy or service account, bad parameters, an invalid
-# BuildRun, a vulnerable image, a cancellation. The same order fails the same way every time, so
-# retrying only delays the Failed phase and hides the reason.
+# Failures of the request: a missing Build, strategy, service account or volume, bad parameters,
+# an invalid BuildRun, a vulnerable image, a cancellation. The same order fails the same way every
+# time, so retrying only delays the Failed phase and hides the reason.
 PERMANENT_REASONS: frozenset[str] = frozenset(
     {
         "BuildNotFound",
@@ -338,6 +349,17 @@ PERMANENT_REASONS: frozenset[str] = frozenset(
         "EmptyArrayItemParameterValues",
         "IncompleteConfigMapValueParameterValues",
         "IncompleteSecretValueParameterValues",
+        "UndefinedVolume",
+        "VolumeNotOverridable",
+        "VolumeDoesNotExist",
+        "UndefinedStepResource",
+        "NodeSelectorNotValid",
+        "TolerationNotValid",
+        "SchedulerNameNotValid",
+        "RuntimeClassNameNotValid",
+        "NodeSelectorPlatformConflict",
+        "InvalidPlatform",
+        "ExecutorNotPipelineRun",
         "BuildRunNameInvalid",
         "BuildRunNoRefOrSpec",
         "BuildRunAmbiguousBuild",
@@ -348,12 +370,22 @@ PERMANENT_REASONS: frozenset[str] = frozenset(
 )
 
 
+def buildrun_started(buildrun: dict[str, Any]) -> bool:
+    """Whether the BuildRun has started: Shipwright has written a Succeeded condition (any status),
+    which it does once Tekton reports on the TaskRun, or when it refuses the BuildRun outright."""
+    return _succeeded_condition(buildrun) is not None
+
+
+def _succeeded_condition(buildrun: dict[str, Any]) -> dict[str, Any] | None:
+    status = buildrun.get("status") or {}
+    conditions = status.get("conditions") if isinstance(status, dict) else None
+    return next((c for c in conditions or [] if isinstance(c, dict) and c.get("type") == "Succeeded"), None)
+
+
 def buildrun_outcome(buildrun: dict[str, Any]) -> RunOutcome:
     """The outcome of a BuildRun, from its Succeeded condition."""
     status = buildrun.get("status") or {}
-    condition = next(
-        (c for c in status.get("conditions") or [] if isinstance(c, dict) and c.get("type") == "Succeeded"), None
-    )
+    condition = _succeeded_condition(buildrun)
     if condition is None:
         return _RUNNING
     if condition.get("status") == "True":

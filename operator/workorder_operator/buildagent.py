@@ -9,7 +9,11 @@ an external agent takes a given order), whose handler does one attempt:
 3. wait for the Build to be registered ("False" fails for good with Shipwright's reason);
 4. create the attempt's own BuildRun (`<order>-<attempt>`), or find it again after a restart
    (only if its owner uid and attempt label are this order's and attempt's);
-5. watch its Succeeded condition: True completes with the image digest, False fails (retryable
+5. wait for it to start (a Succeeded condition, which Shipwright copies from Tekton's TaskRun);
+   one that has not started within `buildrun_start_timeout` is cancelled and the attempt fails
+   with the retryable reason `BuildRunNotStarted` (without Tekton, or without the `default`
+   ServiceAccount, Shipwright never writes a condition, and the claim would be renewed forever);
+6. watch its Succeeded condition: True completes with the image digest, False fails (retryable
    per `build.RETRYABLE_REASONS`).
 
 The claim is renewed throughout; if it is lost (expired and re-claimed, or the order deleted) the
@@ -62,6 +66,8 @@ class BuildAgentConfig:
     namespaces: tuple[str, ...] = ()
     # Without a running Shipwright controller nothing registers a Build: do not hold a claim forever.
     registration_timeout: float = 300.0
+    # Nor for a BuildRun nothing starts (no Tekton, no ServiceAccount, a stuck Shipwright).
+    buildrun_start_timeout: float = 300.0
     # How often to look again for the Shipwright API while it is missing.
     discovery_interval: float = 5.0
 
@@ -202,6 +208,7 @@ class BuildAgent:
         log.info(
             "%s: attempt %d runs BuildRun %s (Build %s)", order.key, claim.attempt, name, plan.run, extra=order.logref
         )
+        self._wait_started(claim, name)
         finished = self.shipwright.wait_for(
             BUILDRUNS, order.namespace, name, lambda br: build.buildrun_outcome(br).finished,
             lambda: self._interrupted(claim),
@@ -243,6 +250,26 @@ class BuildAgent:
         event saying why (the Fail event that follows says only that the attempt failed)."""
         self.post(order, "Warning", "Reject", f"build refused: {why}")
         return Failure(why, retryable=False)
+
+    def _wait_started(self, claim: Claim, name: str) -> None:
+        # Counted from this process's first look, so a restarted operator gives a resumed BuildRun
+        # the whole window again: at worst one more window, never an endless claim.
+        namespace, timeout = claim.order.namespace, self.config.buildrun_start_timeout
+        deadline = time.monotonic() + timeout
+        started = self.shipwright.wait_for(
+            BUILDRUNS, namespace, name, build.buildrun_started,
+            lambda: self._interrupted(claim) or time.monotonic() > deadline,
+        )  # fmt: skip
+        if started is not None or self._interrupted(claim):
+            return  # the caller's next wait sees the interruption (or a deletion) at once
+        if time.monotonic() > deadline:
+            # Cancelled, so it cannot start late beside the next attempt's BuildRun.
+            self.shipwright.cancel_buildrun(claim.order, claim.attempt, name)
+            raise Failure(
+                f"BuildRun {name}: {build.NOT_STARTED_REASON}: not started within {timeout:g}s (no Succeeded "
+                "condition): is Tekton running, and does the namespace have the `default` ServiceAccount?",
+                retryable=True,
+            )
 
     def _interrupted(self, claim: Claim) -> bool:
         return claim.lost.is_set() or self.stop.is_set()

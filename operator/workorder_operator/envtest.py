@@ -1,16 +1,20 @@
 """A real, local Kubernetes control plane for development and tests (envtest style).
 
-etcd, kube-apiserver and kube-controller-manager (garbage collector and namespace controllers
-only) run as child processes on 127.0.0.1 with free ports. Certificates, the service-account
-signing key and an admin kubeconfig are made here with `cryptography`. Binaries come from
-``KUBEBUILDER_ASSETS`` when it holds them, else from the version-keyed cache that
+etcd, kube-apiserver and kube-controller-manager (garbage collector, namespace, service-account
+and ClusterRole-aggregation controllers only) run as child processes on 127.0.0.1 with free ports,
+and, once its APIs are installed, Shipwright's real build controller. Certificates, the
+service-account signing key and an admin kubeconfig are made here with `cryptography`. Binaries
+come from ``KUBEBUILDER_ASSETS`` when it holds them, else from the version-keyed cache that
 ``tools/build-controlplane.sh`` fills.
+
+No kubelet runs, so nothing runs Tekton's pods: TaskRuns stay as Shipwright creates them until
+someone plays Tekton's part (the tests and the demo do).
 
 Command line (used by the Makefile)::
 
-    python -m workorder_operator.envtest up DIR     # start in the background, wait until ready
+    python -m workorder_operator.envtest up DIR     # start in the background (with Shipwright), wait until ready
     python -m workorder_operator.envtest down DIR   # stop what `up` started
-    python -m workorder_operator.envtest crds       # install WorkOrder + Shipwright CRDs (KUBECONFIG)
+    python -m workorder_operator.envtest crds       # install WorkOrder, Shipwright and Tekton CRDs (KUBECONFIG)
 """
 
 from __future__ import annotations
@@ -43,7 +47,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 K8S_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
-SHIPWRIGHT_MODULE = "github.com/shipwright-io/build@v0.20.13"
+SHIPWRIGHT_VERSION = "v0.20.13"
+SHIPWRIGHT_MODULE = f"github.com/shipwright-io/build@{SHIPWRIGHT_VERSION}"
+# The Tekton Pipeline release Shipwright's go.mod requires: its TaskRun API is what Shipwright runs.
+TEKTON_MODULE = "github.com/tektoncd/pipeline@v1.12.0"
+# Shipwright's sample ClusterBuildStrategies installed with its CRDs (samples/v1beta1/buildstrategy/).
+STRATEGY_SAMPLES = (
+    "kaniko/buildstrategy_kaniko_cr.yaml",
+    "buildah/buildstrategy_buildah_shipwright_managed_push_cr.yaml",
+    "buildah/buildstrategy_buildah_strategy_managed_push_cr.yaml",
+)
+SHIPWRIGHT_CONTROLLER = "shipwright-build-controller"
 
 CACHE_DIR = Path(os.environ.get("WORKORDER_CACHE", Path.home() / ".cache" / "workorder-operator"))
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +82,12 @@ def binary_path(name: str) -> Path:
     if not path.is_file():
         raise ControlPlaneError(f"{name} not found at {path}; run `make binaries` (or set KUBEBUILDER_ASSETS)")
     return path
+
+
+def shipwright_binary() -> Path | None:
+    """Our build of Shipwright's controller (tools/shipwright), or None if `make binaries` has not made it."""
+    path = CACHE_DIR / "bin" / f"shipwright-{SHIPWRIGHT_VERSION}" / SHIPWRIGHT_CONTROLLER
+    return path if path.is_file() else None
 
 
 def free_port() -> int:
@@ -297,9 +317,10 @@ class ControlPlane:
                 f"--kubeconfig={self.kubeconfig}",
                 f"--authentication-kubeconfig={self.kubeconfig}",
                 f"--authorization-kubeconfig={self.kubeconfig}",
-                # Only what the tests need: owner-reference GC, namespace deletion, and the
+                # Only what the tests need: owner-reference GC, namespace deletion, each
+                # namespace's `default` ServiceAccount (Shipwright runs BuildRuns as it), and the
                 # aggregation of ClusterRoles into admin/edit/view.
-                "--controllers=garbagecollector,namespace,clusterrole-aggregation",
+                "--controllers=garbagecollector,namespace,serviceaccount,clusterrole-aggregation",
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
@@ -344,23 +365,68 @@ class ControlPlane:
             time.sleep(0.2)
         raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f}s: {last}")
 
+    def start_shipwright(self, *, detach: bool = False, timeout: float = 60.0) -> None:
+        """Install Shipwright's and Tekton's CRDs and the sample strategies, then run Shipwright's
+        controller (it exits at start without the TaskRun API) and wait until it reconciles."""
+        binary = shipwright_binary()
+        if binary is None:
+            raise ControlPlaneError(f"{SHIPWRIGHT_CONTROLLER} not built; run `make binaries`")
+        from kubernetes import config
+
+        api = config.new_client_from_config(str(self.kubeconfig))
+        try:
+            install_shipwright(api)
+        finally:
+            api.close()
+        self._spawn(
+            SHIPWRIGHT_CONTROLLER,
+            [str(binary), f"--kubeconfig={self.kubeconfig}", "--zap-log-level=info", "--zap-time-encoding=iso8601"],
+            detach=detach,
+        )
+        self._wait_log(SHIPWRIGHT_CONTROLLER, b"Starting workers", timeout)
+
+    def stop_shipwright(self) -> None:
+        self._stop(SHIPWRIGHT_CONTROLLER)
+
+    def _wait_log(self, name: str, line: bytes, timeout: float) -> None:
+        log = self.directory / f"{name}.log"
+        seen = log.read_bytes().count(line) if log.exists() else 0
+        deadline = time.monotonic() + timeout
+        proc = self.processes[name]
+        while log.read_bytes().count(line) <= seen:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                self._stop(name)
+                raise ControlPlaneError(f"{name} did not start (exit code {proc.returncode}):\n{tail}")
+            time.sleep(0.1)
+
     def restart(self, down: float = 2.0, timeout: float = 60.0) -> None:
-        """Stop etcd, kube-apiserver and the controller manager, wait `down` seconds, start them
-        again on the same ports and data (a control-plane outage, for fault tests)."""
+        """Stop etcd, kube-apiserver and the controllers, wait `down` seconds, start them again on
+        the same ports and data (a control-plane outage, for fault tests)."""
+        shipwright = SHIPWRIGHT_CONTROLLER in self.processes
         self.stop()
         time.sleep(down)
         for name in ("etcd", "kube-apiserver"):
             self._spawn(name, self.args[name], detach=False)
         self._wait_ready(timeout)
         self._spawn("kube-controller-manager", self.args["kube-controller-manager"], detach=False)
+        if shipwright:
+            self._spawn(SHIPWRIGHT_CONTROLLER, self.args[SHIPWRIGHT_CONTROLLER], detach=False)
 
     def stop(self) -> None:
-        """Stop every process (controller manager first, etcd last), even half-started ones."""
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
-            proc = self.processes.pop(name, None)
-            if proc is not None:
-                _terminate(proc.pid, proc)
-            (self.directory / f"{name}.pid").unlink(missing_ok=True)
+        """Stop every process (controllers first, etcd last), even half-started ones."""
+        for name in PROCESSES:
+            self._stop(name)
+
+    def _stop(self, name: str) -> None:
+        proc = self.processes.pop(name, None)
+        if proc is not None:
+            _terminate(proc.pid, proc)
+        (self.directory / f"{name}.pid").unlink(missing_ok=True)
+
+
+# In stopping order: controllers before the API server, etcd last.
+PROCESSES = (SHIPWRIGHT_CONTROLLER, "kube-controller-manager", "kube-apiserver", "etcd")
 
 
 def _terminate(pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -406,10 +472,10 @@ def kubeconfig_yaml(server: str, ca: bytes, cert: bytes, key: bytes, user: str) 
 # --- CRDs ---------------------------------------------------------------------------------------
 
 
-def shipwright_crd_dir() -> Path:
-    """The Shipwright CRDs, from the Go module cache (downloaded once through the module proxy)."""
+def module_dir(module: str) -> Path:
+    """A Go module's files, from the module cache (downloaded once through the module proxy)."""
     out = subprocess.run(
-        ["go", "mod", "download", "-json", SHIPWRIGHT_MODULE],
+        ["go", "mod", "download", "-json", module],
         capture_output=True,
         text=True,
         check=False,
@@ -417,18 +483,52 @@ def shipwright_crd_dir() -> Path:
     )
     info: dict[str, Any] = json.loads(out.stdout or "{}")
     if out.returncode != 0 or "Dir" not in info:
-        raise ControlPlaneError(f"cannot download {SHIPWRIGHT_MODULE}: {info.get('Error') or out.stderr}")
-    return Path(info["Dir"]) / "deploy" / "crds"
+        raise ControlPlaneError(f"cannot download {module}: {info.get('Error') or out.stderr}")
+    return Path(info["Dir"])
 
 
-def shipwright_crds() -> list[dict[str, Any]]:
-    """Shipwright's CRDs with the conversion webhook switched off (no webhook runs here)."""
+def _crds_without_webhook(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    # Both projects convert between their API versions with a webhook, which does not run here;
+    # every object is written and read at the storage version, so no conversion is needed.
     crds = []
-    for path in sorted(shipwright_crd_dir().glob("shipwright.io_*.yaml")):
+    for path in paths:
         crd = yaml.safe_load(path.read_text())
         crd["spec"]["conversion"] = {"strategy": "None"}
         crds.append(crd)
     return crds
+
+
+def shipwright_crds() -> list[dict[str, Any]]:
+    """Shipwright's CRDs (Build, BuildRun, BuildStrategy, ClusterBuildStrategy)."""
+    return _crds_without_webhook(
+        sorted((module_dir(SHIPWRIGHT_MODULE) / "deploy" / "crds").glob("shipwright.io_*.yaml"))
+    )
+
+
+def tekton_crds() -> list[dict[str, Any]]:
+    """Tekton Pipeline's CRDs (TaskRun among them), which Shipwright's controller needs to start."""
+    return _crds_without_webhook(sorted((module_dir(TEKTON_MODULE) / "config" / "300-crds").glob("*.yaml")))
+
+
+def build_strategies() -> list[dict[str, Any]]:
+    """Shipwright's sample ClusterBuildStrategies (kaniko, buildah), as Shipwright ships them."""
+    root = module_dir(SHIPWRIGHT_MODULE) / "samples" / "v1beta1" / "buildstrategy"
+    return [yaml.safe_load((root / sample).read_text()) for sample in STRATEGY_SAMPLES]
+
+
+def install_shipwright(api_client: Any) -> None:
+    """Shipwright's and Tekton's CRDs, then the sample strategies (server-side apply: idempotent)."""
+    from kubernetes import client
+
+    crds = shipwright_crds() + tekton_crds()
+    install_crds(api_client, crds)
+    _wait_served(api_client, crds)
+    objects = client.CustomObjectsApi(api_client)
+    for strategy in build_strategies():
+        objects.patch_cluster_custom_object(
+            "shipwright.io", "v1beta1", "clusterbuildstrategies", strategy["metadata"]["name"], strategy,
+            field_manager="workorder-envtest", force=True, _content_type="application/apply-patch+yaml",
+        )  # fmt: skip
 
 
 def workorder_crds() -> list[dict[str, Any]]:
@@ -466,6 +566,34 @@ def install_crds(api_client: Any, crds: Sequence[dict[str, Any]], timeout: float
             time.sleep(0.1)
 
 
+def _wait_served(api_client: Any, crds: Sequence[dict[str, Any]], timeout: float = 30.0) -> None:
+    """Wait until discovery serves every CRD's resources: a controller that starts on an
+    Established CRD can still miss it in discovery for a moment, and controller-runtime gives up."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for crd in crds:
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            if version.get("served"):
+                wanted.setdefault((spec["group"], version["name"]), set()).add(spec["names"]["plural"])
+    objects = client.CustomObjectsApi(api_client)
+    deadline = time.monotonic() + timeout
+    for (group, version), plurals in wanted.items():
+        while True:
+            try:
+                served = {r.name for r in objects.get_api_resources(group, version).resources or []}
+                if plurals <= served:
+                    break
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"{group}/{version} does not serve {sorted(plurals)} after {timeout:.0f}s")
+            time.sleep(0.1)
+
+
 # --- command line -------------------------------------------------------------------------------
 
 
@@ -479,11 +607,25 @@ def _cmd_up(directory: Path) -> int:
     plane = ControlPlane(directory)
     plane.start(detach=True)
     print(f"control plane ready at {plane.url} in {time.monotonic() - started:.1f}s; kubeconfig {plane.kubeconfig}")
+    if shipwright_binary() is None:
+        print(
+            f"note: {SHIPWRIGHT_CONTROLLER} not built (`make binaries`): build orders wait for a Shipwright controller"
+        )
+        return 0
+    try:
+        plane.start_shipwright(detach=True)
+    except BaseException:
+        plane.stop()
+        raise
+    print(f"Shipwright {SHIPWRIGHT_VERSION} controller running (Tekton CRDs and kaniko/buildah strategies installed)")
     return 0
 
 
 def _running(directory: Path) -> bool:
-    for name in ("etcd", "kube-apiserver", "kube-controller-manager"):
+    names: tuple[str, ...] = ("etcd", "kube-apiserver", "kube-controller-manager")
+    if shipwright_binary() is not None:
+        names += (SHIPWRIGHT_CONTROLLER,)
+    for name in names:
         pidfile = directory / f"{name}.pid"
         if not pidfile.exists():
             return False
@@ -495,7 +637,7 @@ def _running(directory: Path) -> bool:
 
 
 def _cmd_down(directory: Path) -> int:
-    for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+    for name in PROCESSES:
         pidfile = directory / f"{name}.pid"
         if pidfile.exists():
             with contextlib.suppress(ValueError):
@@ -509,9 +651,12 @@ def _cmd_crds(shipwright: bool) -> int:
     from kubernetes import config
 
     api_client = config.new_client_from_config()
-    crds = workorder_crds() + (shipwright_crds() if shipwright else [])
+    crds = workorder_crds()
     install_crds(api_client, crds)
     print("installed CRDs: " + ", ".join(c["metadata"]["name"] for c in crds))
+    if shipwright:
+        install_shipwright(api_client)
+        print("installed Shipwright and Tekton CRDs and the kaniko and buildah ClusterBuildStrategies")
     return 0
 
 

@@ -62,6 +62,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     build.add_argument(
         "--build-registration-timeout", type=float, default=300.0, help="seconds to wait for a Build to register"
     )
+    build.add_argument(
+        "--buildrun-start-timeout", type=float, default=300.0,
+        help="seconds to wait for a BuildRun to start before cancelling it (retryable BuildRunNotStarted)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -80,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             annotations=dict(a.split("=", 1) for a in args.build_agent_annotation if "=" in a),
             concurrency=args.build_concurrency,
             registration_timeout=args.build_registration_timeout,
+            buildrun_start_timeout=args.buildrun_start_timeout,
             # Single-namespace mode holds for the build agent too: it lists, watches and claims
             # only in the namespaces the operator watches.
             namespaces=tuple(args.namespace),

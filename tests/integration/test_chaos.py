@@ -37,10 +37,10 @@ import pytest
 from kubernetes import client, config
 
 from tests.conftest import Cluster
-from tests.shipwright_sim import KANIKO_BUILD
 from tests.support import Agent as Claimer
 from tests.support import OperatorProcess, create_order, wait_for
 from tests.support import RunningAgent as Running
+from tests.tekton import KANIKO_BUILD
 from workorder_operator import envtest, lifecycle
 from workorder_operator.agent import Agent, Claim, Failure
 from workorder_operator.kube import Conflict, WorkOrders, api_client

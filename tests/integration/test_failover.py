@@ -23,8 +23,8 @@ import pytest
 from kubernetes import client, config, watch
 
 from tests.conftest import Cluster
-from tests.shipwright_sim import KANIKO_BUILD
 from tests.support import Agent, OperatorProcess, RunningAgent, create_order, leader_of, replicas, wait_for
+from tests.tekton import KANIKO_BUILD
 from workorder_operator import envtest, lifecycle
 from workorder_operator.agent import Agent as SdkAgent
 from workorder_operator.agent import Claim, ClaimLost

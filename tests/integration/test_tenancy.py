@@ -1,8 +1,8 @@
 """Tenants don't trust each other: every attack of a least-privileged identity on the operator's wider
 rights, driven as that identity (client certificates, ServiceAccount tokens) against the real API
 server with the real admission policies of deploy/, and seen refused with a readable message or
-harmless. The Shipwright controller's part (registering Builds, finishing BuildRuns) is played by
-tests/shipwright_sim.py: no Tekton or kubelet runs here."""
+harmless. Shipwright's real controller registers the Builds and runs the BuildRuns; only Tekton's
+part (finishing a TaskRun) is played, by tests/tekton.py: no kubelet runs here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import yaml
 from kubernetes import client, config
 
 from tests.conftest import Cluster
-from tests.shipwright_sim import KANIKO_BUILD, Shipwright
 from tests.support import (
     OperatorProcess,
     admission_policies,
@@ -29,6 +28,7 @@ from tests.support import (
     refused_by,
     wait_for,
 )
+from tests.tekton import KANIKO_BUILD, Tekton, shipwright_object
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent
 from workorder_operator.kube import WorkOrders
@@ -191,7 +191,13 @@ def test_an_order_never_takes_over_an_existing_build(
 ) -> None:
     objs = client.CustomObjectsApi(cluster.api)
     objs.create_namespaced_custom_object("shipwright.io", "v1beta1", namespace, BUILDS, PROD_BUILD)
-    before = objs.get_namespaced_custom_object("shipwright.io", "v1beta1", namespace, BUILDS, "prod-app")
+
+    # Shipwright's controller registers it first (its own status write); after that, nobody writes.
+    def registered() -> dict[str, Any] | None:
+        build = shipwright_object(cluster.api, namespace, BUILDS, "prod-app")
+        return build if build and (build.get("status") or {}).get("registered") else None
+
+    before = wait_for(registered, timeout=30, what="Shipwright's registration")
     create_as(creator, namespace, {**build_body("takeover", ATTACK), "spec": {
         "workType": "build", "yamlContent": ATTACK, "maxRetries": 3}})  # fmt: skip
     failed = wait_for(lambda: phase(cluster, namespace, "takeover", "Failed"), timeout=30, what="the order to fail")
@@ -201,26 +207,26 @@ def test_an_order_never_takes_over_an_existing_build(
     assert after["spec"] == before["spec"]
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], "nothing was written"
     assert not after["metadata"].get("ownerReferences"), "the order must never own (and so garbage-collect) it"
-    assert Shipwright(cluster.api, namespace).get(BUILDRUNS, "takeover-1") is None
+    assert shipwright_object(cluster.api, namespace, BUILDRUNS, "takeover-1") is None
 
 
 def test_two_orders_with_one_build_name_do_not_clash(
     cluster: Cluster, namespace: str, creator: client.ApiClient, operator: OperatorProcess
 ) -> None:
-    sw = Shipwright(cluster.api, namespace)
+    cluster.need_shipwright()
     content = KANIKO_BUILD.format(name="shared")
     create_as(creator, namespace, build_body("first", content))
-    wait_for(lambda: sw.get(BUILDS, "shared"), timeout=30, what="the first order's Build")
+    wait_for(lambda: shipwright_object(cluster.api, namespace, BUILDS, "shared"), timeout=30,
+             what="the first order's Build")  # fmt: skip
     first_uid = order_of(cluster, namespace, "first").uid
     create_as(creator, namespace, build_body("second", content))
     failed = wait_for(lambda: phase(cluster, namespace, "second", "Failed"), timeout=30)
     assert "BuildNameTaken" in (failed.status.result or "") and "WorkOrder first" in (failed.status.result or "")
-    owners = [r["uid"] for r in sw.get(BUILDS, "shared")["metadata"]["ownerReferences"]]  # type: ignore[index]
+    shared = shipwright_object(cluster.api, namespace, BUILDS, "shared")
+    owners = [r["uid"] for r in shared["metadata"]["ownerReferences"]]  # type: ignore[index]
     assert owners == [first_uid]
     # The first order is unharmed and completes.
-    sw.register("shared")
-    wait_for(lambda: sw.get(BUILDRUNS, "first-1"), timeout=30)
-    sw.succeed("first-1", DIGEST)
+    Tekton(cluster.api, namespace).finish("first-1", DIGEST)
     assert wait_for(lambda: phase(cluster, namespace, "first", "Completed"), timeout=30).status.result == DIGEST
 
 
@@ -230,7 +236,7 @@ def test_two_orders_with_one_build_name_do_not_clash(
 def test_a_buildrun_that_is_not_the_attempts_own_never_lends_its_outcome(
     cluster: Cluster, namespace: str, creator: client.ApiClient, operator: OperatorProcess
 ) -> None:
-    sw = Shipwright(cluster.api, namespace)
+    cluster.need_shipwright()
     # A finished BuildRun with the name attempt 1 will use, not owned by the order: what a deleted
     # order of the same name leaves until garbage collection, or what a neighbour can plant.
     planted = {
@@ -241,20 +247,27 @@ def test_a_buildrun_that_is_not_the_attempts_own_never_lends_its_outcome(
     client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
         "shipwright.io", "v1beta1", namespace, BUILDRUNS, planted
     )
-    sw.succeed("reuse-1", FAKE_DIGEST)
+    # Its finished state is the planter's to write (Shipwright's controller does not look at it again).
+    client.CustomObjectsApi(cluster.api).patch_namespaced_custom_object_status(
+        "shipwright.io", "v1beta1", namespace, BUILDRUNS, "reuse-1",
+        {"status": {"completionTime": "2026-01-01T00:00:00Z", "output": {"digest": FAKE_DIGEST},
+                    "conditions": [{"type": "Succeeded", "status": "True", "reason": "Succeeded",
+                                    "message": "planted", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
     create_as(creator, namespace, build_body("reuse", KANIKO_BUILD.format(name="reuse-build")))
-    wait_for(lambda: sw.get(BUILDS, "reuse-build"), timeout=30)
-    sw.register("reuse-build")
     retried = wait_for(lambda: phase(cluster, namespace, "reuse", "RetryPending", "Claimed", "Completed")
                        if "BuildRunNameTaken" in (order_of(cluster, namespace, "reuse").status.last_error or "")
                        else None, timeout=30, what="attempt 1 to fail on the foreign BuildRun")  # fmt: skip
     assert retried.status.result != FAKE_DIGEST
-    run = wait_for(lambda: sw.get(BUILDRUNS, "reuse-2"), timeout=30, what="attempt 2's own BuildRun")
+    run = wait_for(lambda: shipwright_object(cluster.api, namespace, BUILDRUNS, "reuse-2"), timeout=30,
+                   what="attempt 2's own BuildRun")  # fmt: skip
     assert run["metadata"]["labels"]["workorder.dev/order-uid"] == retried.uid
-    sw.succeed("reuse-2", DIGEST)
+    Tekton(cluster.api, namespace).finish("reuse-2", DIGEST)
     done = wait_for(lambda: phase(cluster, namespace, "reuse", "Completed"), timeout=30)
     assert done.status.result == DIGEST and done.status.attempt == 2
-    assert "state" not in (sw.get(BUILDRUNS, "reuse-1") or {}).get("spec", {}), "someone else's run is never cancelled"
+    planted_now = shipwright_object(cluster.api, namespace, BUILDRUNS, "reuse-1") or {}
+    assert "state" not in planted_now.get("spec", {}), "someone else's run is never cancelled"
 
 
 # --- 4. requeue is an admin transition; attempt never decreases ---------------------------------
@@ -499,12 +512,9 @@ def test_least_privilege_operator_installed_in_any_namespace_runs_the_whole_life
         wait_for(lambda: _gone(cluster, namespace, "life"), timeout=30, what="TTL deletion")
 
         # A build order: Build and BuildRun created with the operator's own rights.
-        sw = Shipwright(cluster.api, namespace)
+        cluster.need_shipwright()
         create_as(creator, namespace, build_body("img", KANIKO_BUILD.format(name="img-build")))
-        wait_for(lambda: sw.get(BUILDS, "img-build"), timeout=30, what="the Build")
-        sw.register("img-build")
-        wait_for(lambda: sw.get(BUILDRUNS, "img-1"), timeout=30, what="the BuildRun")
-        sw.succeed("img-1", DIGEST)
+        Tekton(cluster.api, namespace).finish("img-1", DIGEST)
         done = wait_for(lambda: phase(cluster, namespace, "img", "Completed"), timeout=30)
         assert done.status.result == DIGEST
         log = op.log()

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
-from tests.shipwright_sim import KANIKO_BUILD as KANIKO_TEMPLATE
+from tests.tekton import KANIKO_BUILD as KANIKO_TEMPLATE
+from workorder_operator import envtest
 from workorder_operator.build import (
     MAX_DOCUMENTS,
+    NOT_STARTED_REASON,
     PERMANENT_REASONS,
     RETRYABLE_REASONS,
     SHIPWRIGHT_API_VERSION,
@@ -19,6 +21,7 @@ from workorder_operator.build import (
     RunOutcome,
     buildrun_name,
     buildrun_outcome,
+    buildrun_started,
     label_value,
     parse_content,
     registration,
@@ -682,3 +685,44 @@ def test_reason_tables_do_not_overlap_and_cover_the_usual_suspects() -> None:
 @pytest.mark.parametrize("reason", ["SomeFutureReason", "GitRemotePrivate", ""])
 def test_unknown_reasons_are_retryable(reason: str) -> None:
     assert buildrun_outcome(buildrun({"conditions": [succeeded("False", reason, "m")]})).retryable
+
+
+def shipwright_source(path: str) -> str:
+    try:
+        return (envtest.module_dir(envtest.SHIPWRIGHT_MODULE) / path).read_text()
+    except (envtest.ControlPlaneError, OSError) as exc:  # no Go, no module proxy
+        pytest.skip(f"Shipwright's source is not at hand: {exc}")
+
+
+def test_every_buildrun_reason_in_shipwrights_source_is_classified() -> None:
+    """The table against the controller we run: a reason added by a Shipwright upgrade turns this red."""
+    conditions = shipwright_source("pkg/reconciler/buildrun/resources/conditions.go")
+    constants = shipwright_source("pkg/apis/build/v1beta1/buildrun_types.go")
+    block = conditions[conditions.index("const (") : conditions.index(")", conditions.index("const ("))]
+    reasons = set(re.findall(r'string = "(\w+)"', block))
+    reasons |= set(re.findall(r'BuildRunState\w+ = "(\w+)"', constants))
+    reasons |= set(re.findall(r'reason = "(\w+)"', conditions))  # BuildRunTimeout
+    assert {"BuildRunTimeout", "PodEvicted", "StepOutOfMemory", "ClusterBuildStrategyNotFound"} <= reasons
+    assert reasons - RETRYABLE_REASONS - PERMANENT_REASONS == set()
+
+
+def test_the_validation_reasons_a_buildrun_can_fail_with_are_classified() -> None:
+    """Shipwright's BuildRun validations return (false, reason, message); each reason is classified."""
+    root = envtest.module_dir(envtest.SHIPWRIGHT_MODULE) / "pkg" / "validate"
+    source = "".join(shipwright_source(f"pkg/validate/{p.name}") for p in sorted(root.glob("*.go")))
+    names = set(re.findall(r"return false, (?:string\()?(?:buildapi|resources)\.(?:Condition)?(\w+)", source))
+    assert {"UndefinedVolume", "NodeSelectorNotValid", "MissingParameterValues"} <= names
+    assert names - RETRYABLE_REASONS - PERMANENT_REASONS == set()
+
+
+def test_started_once_shipwright_writes_a_succeeded_condition() -> None:
+    assert not buildrun_started(buildrun())
+    assert not buildrun_started(buildrun({"executor": {"name": "x-1-abc", "kind": "TaskRun"}}))
+    assert not buildrun_started(buildrun({"conditions": [{"type": "Ready", "status": "True"}]}))
+    for status in ("Unknown", "True", "False"):
+        assert buildrun_started(buildrun({"conditions": [succeeded(status, "Running")]}))
+
+
+def test_not_started_is_ours_and_retryable() -> None:
+    assert NOT_STARTED_REASON == "BuildRunNotStarted"
+    assert NOT_STARTED_REASON in RETRYABLE_REASONS
