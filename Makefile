@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 
 export WORKORDER_CACHE := $(CACHE)
 
-.PHONY: help venv binaries test unit lint run cluster-up cluster-down crds kind-up test-kind bench demo clean
+.PHONY: help venv binaries test unit lint mutation run cluster-up cluster-down crds kind-up test-kind bench demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -38,12 +38,15 @@ binaries: ## build etcd, kube-apiserver, kube-controller-manager and the Shipwri
 	@tools/build-controlplane.sh
 
 lint: venv ## ruff and mypy (strict on the package)
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench tools
+	$(BIN)/ruff format --check operator tests bench tools
 	$(BIN)/mypy
 
 unit: venv ## only the fast unit tests (no cluster)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+mutation: venv ## mutation testing of the pure core (slow; MUTATE="lifecycle backoff" for some modules); not part of make test
+	PATH=$(BIN):$$PATH $(BIN)/python tools/mutation.py $(MUTATE)
 
 test: venv binaries lint ## the whole suite: set-up, lint, unit and integration tests on a real control plane
 	PATH=$(BIN):$$PATH $(BIN)/pytest $(PYTEST_ARGS)

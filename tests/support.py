@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +39,26 @@ def wait_for(check: Callable[[], T | None], timeout: float = 30.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"not met within {timeout}s: {what or check}")
         time.sleep(interval)
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    """GET an operator's metrics (or health) endpoint: status code and body."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text format (0 if absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:

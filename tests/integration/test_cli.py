@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes import client
 
 from tests.conftest import Cluster
 from tests.support import Agent, create_order, wait_for
@@ -348,3 +349,70 @@ def test_agent_run_timeout_kills_and_fails_the_attempt(cluster: Cluster, namespa
         assert "timed out after 1s" in (order.status.last_error or "")
     finally:
         stop_agent(proc)
+
+
+def test_agent_run_retryable_exit_codes_decide_what_is_retried(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    # Exit 3 is now the retryable one, and 75 (the default) no longer is.
+    proc = start_agent(cluster, namespace, tmp_path, "--retryable-exit-codes", "3,4")
+    try:
+        create_order(
+            cluster.api, namespace, "broken", workType="script", yamlContent="mode: broken", backoffSeconds=600
+        )
+        create_order(cluster.api, namespace, "flaky", workType="script", yamlContent="mode: tempfail")
+        a = Agent(cluster.api, AGENT_ID)
+
+        def settled() -> bool:
+            phases = {n: a.read(namespace, n).status.phase for n in ("broken", "flaky")}
+            return phases == {"broken": "RetryPending", "flaky": "Failed"}
+
+        wait_for(settled, timeout=20, what="exit 3 retried, exit 75 final")
+        assert "exit code 3" in (a.read(namespace, "broken").status.last_error or "")
+    finally:
+        stop_agent(proc)
+
+
+def test_agent_run_labels_and_annotations_admit_targeted_orders(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    # The orders it may not take come first (older, same priority): it would take them first if it could.
+    create_order(cluster.api, namespace, "for-cpu", workType="script", yamlContent="mode: ok",
+                 targeting={"labels": ["cpu"]})  # fmt: skip
+    create_order(cluster.api, namespace, "for-us", workType="script", yamlContent="mode: ok",
+                 targeting={"annotations": {"zone": "us"}})  # fmt: skip
+    create_order(cluster.api, namespace, "for-gpu", workType="script", yamlContent="mode: ok",
+                 targeting={"labels": ["gpu"]})  # fmt: skip
+    create_order(cluster.api, namespace, "for-eu", workType="script", yamlContent="mode: ok",
+                 targeting={"annotations": {"zone": "eu"}})  # fmt: skip
+    proc = start_agent(cluster, namespace, tmp_path, "--label", "gpu", "--label", "fast", "--annotation", "zone=eu")
+    a = Agent(cluster.api, AGENT_ID)
+    try:
+        for name in ("for-gpu", "for-eu"):
+            wait_for(lambda n=name: a.read(namespace, n).status.phase == "Completed", timeout=20, what=name)  # type: ignore[misc]
+    finally:
+        out = stop_agent(proc)
+    for name in ("for-cpu", "for-us"):
+        order = a.read(namespace, name)
+        assert (order.status.phase, order.status.attempt) == ("Pending", 0), name
+    assert "for-cpu" not in out and "for-us" not in out
+
+
+def test_agent_run_all_namespaces(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    core = client.CoreV1Api(cluster.api)
+    other = f"t-{uuid.uuid4().hex[:10]}"
+    core.create_namespace({"metadata": {"name": other, "labels": {"workorder.dev/test": "true"}}})
+    # A work type no other test uses: -A sees every namespace of the shared cluster.
+    work_type = f"script-{uuid.uuid4().hex[:6]}"
+    try:
+        for ns in (namespace, other):
+            create_order(cluster.api, ns, "here", workType=work_type, yamlContent="mode: ok")
+        proc = start_agent(cluster, namespace, tmp_path, "-A", "--type", work_type)
+        a = Agent(cluster.api, AGENT_ID)
+        try:
+            for ns in (namespace, other):
+                wait_for(lambda n=ns: a.read(n, "here").status.phase == "Completed", timeout=20, what=ns)  # type: ignore[misc]
+        finally:
+            stop_agent(proc)
+    finally:
+        core.delete_namespace(other)

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
+from kubernetes import client
+
 from tests.conftest import Cluster
-from tests.support import Agent, OperatorProcess, create_order, leader_of, replicas, wait_for
+from tests.support import Agent, OperatorProcess, create_order, leader_of, replicas, sample, scrape, wait_for
 from workorder_operator.envtest import free_port
-
-
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text format (0 if absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+from workorder_operator.leader import LeaseConfig
 
 
 def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
@@ -76,13 +58,30 @@ def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path:
         op.stop()
 
 
+def lease_renewals(cluster: Cluster, namespace: str, count: int) -> list[str]:
+    """Wait until the operators' Lease has been renewed `count` times; its renewTimes."""
+    leases = client.CoordinationV1Api(cluster.api)
+    seen: list[str] = []
+
+    def renewed() -> bool:
+        spec = leases.read_namespaced_lease("workorder-operator", namespace).spec
+        if not seen or seen[-1] != str(spec.renew_time):
+            seen.append(str(spec.renew_time))
+        return len(seen) > count
+
+    wait_for(renewed, timeout=30, interval=0.2, what=f"{count} renewals of the Lease")
+    return seen
+
+
 def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     ops = replicas(cluster.kubeconfig, namespace, tmp_path)
     try:
         first = wait_for(lambda: leader_of(ops), timeout=30, what="one leader")
         standby = next(o for o in ops if o is not first)
-        time.sleep(3)  # several renewal rounds: the standby must still not lead
-        assert "is the leader" not in standby.log()
+        # Several renewals by the leader (each read back here): the standby, which reads the Lease
+        # as often, must still not lead.
+        renewals = lease_renewals(cluster, namespace, 3)
+        assert "is the leader" not in standby.log(), renewals
 
         a = Agent(cluster.api, str(uuid.uuid4()))
         create_order(cluster.api, namespace, "before", claimTimeoutSeconds=1)
@@ -96,13 +95,17 @@ def test_two_replicas_one_acts_and_the_other_takes_over(cluster: Cluster, namesp
         killed = time.monotonic()
         wait_for(lambda: "is the leader" in standby.log(), timeout=60, what="the standby to take over")
         takeover = time.monotonic() - killed
-        assert takeover < 60
+        # The standby takes over only once it has seen the Lease unrenewed for leaseDuration on its
+        # own clock; the dead leader renewed at most one renewal period (plus a slow loop) before
+        # the kill. A standby that ignored the Lease would lead within a renewal period.
+        lease = LeaseConfig(namespace)
+        assert takeover >= lease.lease_duration - 2 * lease.retry_period - 1, takeover
         create_order(cluster.api, namespace, "after", claimTimeoutSeconds=1)
         a.claim(a.read(namespace, "after"))
         wait_for(
             lambda: a.read(namespace, "after").status.phase == "Pending", timeout=10, what="expiry by the new leader"
         )
-        assert "after: expire" in standby.log()
+        wait_for(lambda: "after: expire" in standby.log(), timeout=10, what="the new leader's expiry log line")
     finally:
         for op in ops:
             op.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from workorder_operator.backoff import HARD_CEILING_SECONDS, retry_delay
@@ -34,12 +32,13 @@ def test_hard_ceiling_is_seven_days() -> None:
     assert retry_delay(60, 13) == 491520
 
 
+# Without the exponent's clamp, 2**(10**18) never finishes: the timeout is a hang guard, not a
+# performance target (those live in `make bench`).
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("retry", [64, 1_000, 10**9, 10**18])
-def test_huge_retry_numbers_stay_at_the_ceiling_and_are_fast(retry: int) -> None:
-    started = time.perf_counter()
+def test_huge_retry_numbers_stay_at_the_ceiling(retry: int) -> None:
     assert retry_delay(60, retry) == WEEK
     assert retry_delay(1, retry, max_backoff_seconds=30) == 30
-    assert time.perf_counter() - started < 0.1
 
 
 def test_wait_never_shrinks_as_retries_grow() -> None:

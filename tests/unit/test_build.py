@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
-import time
 from typing import Any
 
 import pytest
@@ -401,11 +401,12 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
 
 
-def test_billion_laughs_is_refused_quickly() -> None:
-    started = time.perf_counter()
+# Refused while composing, before any object is built (the message says so); the timeout only
+# guards against a hang, performance targets live in `make bench`.
+@pytest.mark.timeout(60)
+def test_billion_laughs_is_refused_before_it_expands() -> None:
     assert refused(BILLION_LAUGHS) == "document 1: YAML aliases are not allowed"
     assert refused(build_doc() + "---\n" + BILLION_LAUGHS) == "document 2: YAML aliases are not allowed"
-    assert time.perf_counter() - started < 0.5
 
 
 def test_deep_nesting_is_refused_not_crashed() -> None:
@@ -421,10 +422,11 @@ def test_too_many_documents_are_refused() -> None:
     assert refused(("---\n" + build_doc()) * (MAX_DOCUMENTS + 1)) == "yamlContent has more than 50 documents"
 
 
-def test_too_many_documents_are_refused_quickly() -> None:
-    started = time.perf_counter()
+def test_reading_stops_at_the_document_limit() -> None:
+    # Whatever follows the limit is never read: not even invalid YAML there is noticed.
+    after_the_limit = ("---\n" + build_doc()) * MAX_DOCUMENTS + "---\nkey: [unclosed\n"
+    assert refused(after_the_limit) == "yamlContent has more than 50 documents"
     assert refused(("---\n" + build_doc()) * 20_000) == "yamlContent has more than 50 documents"
-    assert time.perf_counter() - started < 0.5
 
 
 @pytest.mark.parametrize(
@@ -654,32 +656,72 @@ def test_failure_with_nothing_said_still_has_an_error() -> None:
     )
 
 
-@pytest.mark.parametrize("reason", sorted(RETRYABLE_REASONS))
-def test_retryable_reasons(reason: str) -> None:
+# Written out, not taken from the product's tables: moving a reason from one table to the other
+# must turn a test red. Retryable: the cluster, the node or the time budget failed, not the Build.
+RETRYABLE = [
+    "BuildRunTimeout",
+    "PodEvicted",
+    "StepOutOfMemory",
+    "TaskRunIsMissing",
+    "TaskRunGenerationFailed",
+    "PipelineRunGenerationFailed",
+    "SetOwnerReferenceFailed",
+    "Failed",
+    "PipelineRunFailed",
+    "NodePlatformNotFound",
+    "BuildRunNotStarted",
+]
+# Permanent: the request itself is wrong; the same order fails the same way every time.
+PERMANENT = [
+    "BuildNotFound",
+    "BuildRegistrationFailed",
+    "BuildStrategyNotFound",
+    "ClusterBuildStrategyNotFound",
+    "UnknownStrategyKind",
+    "ServiceAccountNotFound",
+    "MissingParameterValues",
+    "RestrictedParametersInUse",
+    "UndefinedParameter",
+    "WrongParameterValueType",
+    "InconsistentParameterValues",
+    "EmptyArrayItemParameterValues",
+    "IncompleteConfigMapValueParameterValues",
+    "IncompleteSecretValueParameterValues",
+    "BuildRunNameInvalid",
+    "BuildRunNoRefOrSpec",
+    "BuildRunAmbiguousBuild",
+    "BuildRunBuildFieldOverrideForbidden",
+    "VulnerabilitiesFound",
+    "BuildRunCanceled",
+    "ExecutorNotPipelineRun",
+    "InvalidPlatform",
+    "NodeSelectorNotValid",
+    "NodeSelectorPlatformConflict",
+    "RuntimeClassNameNotValid",
+    "SchedulerNameNotValid",
+    "TolerationNotValid",
+    "UndefinedStepResource",
+    "UndefinedVolume",
+    "VolumeDoesNotExist",
+    "VolumeNotOverridable",
+]
+
+
+@pytest.mark.parametrize(("reason", "retryable"), [(r, True) for r in RETRYABLE] + [(r, False) for r in PERMANENT])
+def test_failure_reasons_are_classified(reason: str, retryable: bool) -> None:
     outcome = buildrun_outcome(buildrun({"conditions": [succeeded("False", reason, "m")]}))
     assert (outcome.finished, outcome.succeeded, outcome.retryable, outcome.error) == (
         True,
         False,
-        True,
+        retryable,
         f"{reason}: m",
     )
 
 
-@pytest.mark.parametrize("reason", sorted(PERMANENT_REASONS))
-def test_permanent_reasons(reason: str) -> None:
-    outcome = buildrun_outcome(buildrun({"conditions": [succeeded("False", reason, "m")]}))
-    assert (outcome.finished, outcome.succeeded, outcome.retryable, outcome.error) == (
-        True,
-        False,
-        False,
-        f"{reason}: m",
-    )
-
-
-def test_reason_tables_do_not_overlap_and_cover_the_usual_suspects() -> None:
-    assert not RETRYABLE_REASONS & PERMANENT_REASONS
-    assert {"BuildRunTimeout", "PodEvicted", "StepOutOfMemory"} <= RETRYABLE_REASONS
-    assert {"BuildNotFound", "VulnerabilitiesFound", "BuildRunCanceled", "BuildRunNameInvalid"} <= PERMANENT_REASONS
+def test_the_reason_tables_are_the_documented_ones() -> None:
+    # The tables are public (README names them): they hold exactly the reasons above.
+    assert sorted(RETRYABLE_REASONS) == sorted(RETRYABLE)
+    assert sorted(PERMANENT_REASONS) == sorted(PERMANENT)
 
 
 @pytest.mark.parametrize("reason", ["SomeFutureReason", "GitRemotePrivate", ""])
@@ -726,3 +768,130 @@ def test_started_once_shipwright_writes_a_succeeded_condition() -> None:
 def test_not_started_is_ours_and_retryable() -> None:
     assert NOT_STARTED_REASON == "BuildRunNotStarted"
     assert NOT_STARTED_REASON in RETRYABLE_REASONS
+
+
+# --- what mutation testing asked for (make mutation) -------------------------------------------
+
+
+def test_a_non_string_api_version_shows_as_none() -> None:
+    assert refused("apiVersion: 5\nkind: Pod\n").startswith("document 1: kind Pod (apiVersion (none)) is not allowed")
+    assert refused(build_doc().replace("shipwright.io/v1beta1", "[1, 2]")) == (
+        'document 1 (Build "app"): unsupported apiVersion (none); use shipwright.io/v1beta1'
+    )
+
+
+def test_invalid_yaml_says_the_problem_and_the_line() -> None:
+    # The parser knows both what it was doing (context) and what went wrong (problem): the problem is said.
+    assert refused("key: [unclosed\n") == (
+        "yamlContent is not valid YAML: expected ',' or ']', but got '<stream end>' (line 2)"
+    )
+    # A character YAML cannot hold, on the third line (counted from the start, a leading newline included).
+    assert refused("\nkey: a\nbad: \x07\nmore: b\nand: c\nso: on\n") == (
+        "yamlContent is not valid YAML: special characters are not allowed (line 3)"
+    )
+
+
+def test_blank_lines_before_the_first_marker_are_no_document() -> None:
+    assert refused("\n\n---\nkind: Pod\n").startswith("document 1: kind Pod")
+    # Without a marker, a comment header is part of document 1.
+    assert refused("# header\napiVersion: v1\nkind: Pod\n").startswith("document 1: kind Pod")
+
+
+def test_only_a_builds_identity_metadata_is_applied() -> None:
+    content = build_doc(
+        extra_metadata=(
+            "  finalizers: [example.com/keep]\n  resourceVersion: '12'\n  uid: 0d4b6f6e\n"
+            "  ownerReferences: [{apiVersion: v1, kind: ConfigMap, name: x, uid: y}]\n  generateName: x-\n"
+        )
+    )
+    (build,) = parse_content(content, NS).builds
+    assert build["metadata"] == {"name": "app", "namespace": NS}
+    assert set(build) == {"apiVersion", "kind", "metadata", "spec"}
+
+
+def test_an_empty_namespace_is_no_namespace() -> None:
+    (build,) = parse_content(build_doc(extra_metadata='  namespace: ""\n'), NS).builds
+    assert build["metadata"]["namespace"] == NS
+
+
+def test_a_workorder_with_a_non_string_name_is_shown_without_it() -> None:
+    content = "apiVersion: workorder.dev/v1alpha1\nkind: WorkOrder\nmetadata:\n  name: 5\nspec: {}\n"
+    assert refused(content) == "document 1 (WorkOrder): spec.buildRef.name is missing"
+
+
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [("1.5\n", "number"), ("!!binary aGVsbG8=\n", "scalar"), ("null_is_skipped: no\n", None)],
+)
+def test_what_a_non_mapping_document_is_called(content: str, shown: str | None) -> None:
+    if shown is None:
+        assert refused(content).startswith("document 1: kind (none)")
+    else:
+        assert refused(content) == f"document 1: is a {shown}, not a mapping"
+
+
+def test_values_json_cannot_carry_are_found_inside_lists() -> None:
+    content = build_doc(
+        rest="  paramValues:\n    - name: a\n      value: ok\n    - name: b\n      value: !!binary aGk=\n"
+    )
+    assert refused(content) == (
+        'document 1 (Build "app"): the value at /spec/paramValues/1/value cannot be sent to the API as JSON'
+    )
+    fine = build_doc(rest="  paramValues:\n    - name: a\n      values: [x, 1, 2.5, true, null]\n")
+    assert parse_content(fine, NS).run == "app"
+
+
+def test_a_long_label_value_is_cut_cleanly_to_63_characters() -> None:
+    name = "a" * 53 + "-" + "b" * 20  # the cut falls right after the '-'
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    assert label_value(name) == f"{'a' * 53}-{digest}"
+    assert len(label_value("x" * 253)) == 63
+
+
+def test_buildrun_name_errors_say_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match=r"^no BuildRun name for order '', attempt 1$"):
+        buildrun_name("", 1)
+    with pytest.raises(ValueError, match=r"^attempt 10{60} is too large for a BuildRun name$"):
+        buildrun_name("app", 10**60)
+
+
+def test_buildrun_names_use_the_whole_63_characters_and_no_double_dash() -> None:
+    long = "team.build." + "a" * 200
+    name = buildrun_name(long, 7)
+    assert len(name) == 63
+    assert "--" not in name
+    # The cut lands on a '-': it is dropped, not doubled.
+    dashed = "a" * 51 + "-" + "b" * 30  # 52 characters fit before "-<hash>-1": the 52nd is the '-'
+    digest = hashlib.sha256(dashed.encode()).hexdigest()[:8]
+    assert buildrun_name(dashed, 1) == f"{'a' * 51}-{digest}-1"
+
+
+def test_an_attempt_so_large_it_leaves_no_room_for_the_order_name() -> None:
+    attempt = 10**52  # 53 digits: hash, '-' and attempt fill 62 characters
+    name = buildrun_name("app.x", attempt)
+    digest = hashlib.sha256(b"app.x").hexdigest()[:8]
+    assert name == f"{digest}-{attempt}"
+
+
+def test_a_refused_build_without_reason_or_message_still_says_so() -> None:
+    assert registration({"status": {"registered": "False"}}) == (False, "Build registration failed")
+    # Values of the wrong type are ignored, not printed.
+    assert registration({"status": {"registered": "False", "reason": 5, "message": "m"}}) == (False, "m")
+    assert registration({"status": {"registered": "False", "reason": "R", "message": ["m"]}}) == (False, "R")
+
+
+def test_an_odd_output_is_no_digest() -> None:
+    status = {"conditions": [succeeded("True")], "output": "sha256:abc"}
+    assert buildrun_outcome(buildrun(status)).result == ""
+
+
+@pytest.mark.parametrize(
+    ("details", "error"),
+    [
+        ({"message": "step build-and-push failed"}, "Failed: step build-and-push failed"),
+        ({"reason": "GitRemotePrivate"}, "GitRemotePrivate: m"),
+    ],
+)
+def test_half_a_failure_detail_completes_the_condition(details: dict[str, str], error: str) -> None:
+    status = {"conditions": [succeeded("False", "Failed", "m")], "failureDetails": details}
+    assert buildrun_outcome(buildrun(status)).error == error

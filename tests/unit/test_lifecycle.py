@@ -7,6 +7,7 @@ shows up as `GuardFailed`.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from typing import Any
 
@@ -804,3 +805,296 @@ def test_a_renewal_stamped_ahead_is_believed_within_the_tolerance() -> None:
     assert lc.claim_deadline(read(body), seen_at=NOW) == NOW + seconds(65)
     far = with_status(body, renewedAt=format_time(NOW + dt.timedelta(days=400)))
     assert lc.claim_deadline(read(far), seen_at=NOW) == NOW + seconds(60)
+
+
+# --- what mutation testing asked for (make mutation) --------------------------------------------
+
+
+def test_a_result_over_the_schema_limit_keeps_its_end() -> None:
+    # The schema refuses a longer result with 422: the order would stay Claimed and run again.
+    result = "x" * 100 + "y" * lc.RESULT_LIMIT
+    s = lc.complete(read(claimed()), AGENT_A, 1, result, NOW).status
+    assert s["result"] == "y" * lc.RESULT_LIMIT
+    assert lc.RESULT_LIMIT == 16384
+    short = lc.complete(read(claimed()), AGENT_A, 1, "sha256:feed", NOW).status
+    assert short["result"] == "sha256:feed"
+
+
+def with_generation(body: dict[str, Any], generation: int) -> dict[str, Any]:
+    return {**body, "metadata": {**body["metadata"], "generation": generation}}
+
+
+def test_every_status_write_records_the_generation_it_saw() -> None:
+    # A generation the stored status does not hold yet: each write must bring it, in the
+    # status and in every condition (kstatus reads both).
+    body = with_generation(claimed(), 4)
+    order = read(body)
+    writes = [
+        lc.complete(order, AGENT_A, 1, "ok", NOW),
+        lc.fail(order, AGENT_A, 1, "boom", NOW),
+        lc.fail(order, AGENT_A, 1, "boom", NOW, retryable=False),
+        lc.release(order, AGENT_A, 1, NOW),
+        lc.expire(order, NOW + seconds(3600)),
+        lc.claim(read(with_generation(pending(), 4)), A, NOW),
+        lc.initialise(make_order(status=CRD_DEFAULT_STATUS).model_copy(update={"generation": 4}), T_INIT),
+        lc.due(read(with_generation(retry_pending(), 4)), NOW + seconds(120)),
+        lc.requeue(read(with_generation(failed(), 4)), NOW),
+        lc.waiting(read(with_generation(pending(), 4)), "NoAgent", "no agent", NOW),
+    ]
+    for write in writes:
+        assert write.status["observedGeneration"] == 4, write.transition
+        assert {c["observedGeneration"] for c in write.status["conditions"]} == {4}, write.transition
+
+
+def test_ttl_counts_from_completion_not_from_the_last_status_change() -> None:
+    body = claimed({"ttlSecondsAfterFinished": 60})
+    done = store(body, lc.complete(read(body), AGENT_A, 1, "ok", NOW))
+    # A later write (conditions brought up to date, say) moves updatedAt, not the TTL.
+    touched = with_status(done, updatedAt=format_time(NOW + seconds(500)))
+    assert lc.plan(read(touched)) == Plan(Action.DELETE, NOW + seconds(60))
+    # Without completedAt (written by a minimal agent), the last change is the best guess.
+    bare = with_status(touched, completedAt=None)
+    assert lc.plan(read(bare)) == Plan(Action.DELETE, NOW + seconds(560))
+
+
+FAR = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+
+
+def test_far_dates_saturate_instead_of_overflowing() -> None:
+    # Any valid date may be stored; a deadline past year 9999 is "never", not an OverflowError.
+    renewed_far = read(with_status(claimed(), renewedAt=format_time(FAR)))
+    assert lc.claim_deadline(renewed_far) == lc.FAR_FUTURE
+    assert lc.plan(renewed_far) == Plan(Action.EXPIRE, lc.FAR_FUTURE)
+    with pytest.raises(TransitionError):
+        lc.expire(renewed_far, FAR)
+    body = claimed({"ttlSecondsAfterFinished": 60})
+    done_far = store(body, lc.complete(read(body), AGENT_A, 1, "ok", NOW))
+    finished_far = read(with_status(done_far, completedAt=format_time(FAR)))
+    assert lc.plan(finished_far) == Plan(Action.DELETE, lc.FAR_FUTURE)
+    assert dt.datetime.max.replace(tzinfo=dt.UTC) == lc.FAR_FUTURE
+    # Just below the edge, the sum is exact.
+    near = dt.datetime(9999, 12, 31, 23, 0, 0, tzinfo=dt.UTC)
+    assert lc.claim_deadline(read(with_status(claimed({"claimTimeoutSeconds": 60}), renewedAt=format_time(near)))) == (
+        near + seconds(60)
+    )
+
+
+# What each transition says: the name and message become the Event's reason and message and the
+# log line, the conditions' message, and `kubectl workorder` errors; a person reads them.
+def test_what_each_transition_says() -> None:
+    body = claimed({"maxRetries": 3})
+    order = read(body)
+    said = {
+        "claim": lc.claim(read(pending()), A, NOW),
+        "renew": lc.renew(order, AGENT_A, 1, NOW),
+        "complete": lc.complete(order, AGENT_A, 1, "ok", NOW),
+        "fail": lc.fail(order, AGENT_A, 1, "boom", NOW),
+        "release": lc.release(order, AGENT_A, 1, NOW, "shutting down"),
+        "expire": lc.expire(order, NOW + seconds(3600)),
+        "due": lc.due(read(retry_pending()), NOW + seconds(120)),
+        "requeue": lc.requeue(read(failed()), NOW),
+        "initialise": lc.initialise(make_order(status=CRD_DEFAULT_STATUS), T_INIT),
+        "reject": lc.initialise(make_order(status=CRD_DEFAULT_STATUS), T_INIT, "document 1: kind Pod"),
+        "waiting": lc.waiting(read(pending()), "NoBuildAgent", "no build agent runs", NOW),
+    }
+    due = format_time(NOW + seconds(120))
+    assert {name: (w.transition, w.message) for name, w in said.items()} == {
+        "claim": ("claim", f"claimed by agent {AGENT_A} (attempt 1)"),
+        "renew": ("renew", ""),
+        "complete": ("complete", f"completed by agent {AGENT_A} in attempt 1"),
+        "fail": ("fail", f"attempt 1 failed: boom; retry 1 of 3 after {due}"),
+        "release": ("release", f"released by agent {AGENT_A}: shutting down"),
+        "expire": (
+            "expire",
+            f"claim of agent {AGENT_A} (attempt 1) expired: no renewal within 3600s",
+        ),
+        "due": ("due", "retry 1 of 3 due: waiting for an agent"),
+        "requeue": ("requeue", "requeued after failure"),
+        "initialise": ("initialise", "waiting for an agent"),
+        "reject": ("reject", "rejected: document 1: kind Pod"),
+        "waiting": ("waiting", "no build agent runs"),
+    }
+    for name, write in said.items():
+        if name != "renew":  # a renewal changes no condition
+            assert {c["message"] for c in write.status["conditions"]} == {write.message}, name
+
+
+def test_what_a_final_failure_says() -> None:
+    order = read(claimed({"maxRetries": 3}))
+    assert lc.fail(order, AGENT_A, 1, "bad input", NOW, retryable=False).message == (
+        "attempt 1 failed (not retryable): bad input"
+    )
+    used_up = read(with_status(claimed({"maxRetries": 3}), retryCount=3))
+    assert lc.fail(used_up, AGENT_A, 1, "boom", NOW).message == "attempt 1 failed (3 retries used up): boom"
+    # A second retry says so.
+    second = read(with_status(claimed({"maxRetries": 3}), retryCount=1))
+    assert lc.fail(second, AGENT_A, 1, "boom", NOW).message == (
+        f"attempt 1 failed: boom; retry 2 of 3 after {format_time(NOW + seconds(240))}"
+    )
+
+
+def test_an_empty_error_still_says_it_failed() -> None:
+    s = lc.fail(read(claimed()), AGENT_A, 1, "", NOW).status
+    assert s["lastError"] == "failed"
+    assert s["history"][-1]["message"] == "failed"
+
+
+def test_a_release_without_reason_says_only_who() -> None:
+    write = lc.release(read(claimed()), AGENT_A, 1, NOW)
+    assert write.message == f"released by agent {AGENT_A}"
+    assert "message" not in write.status["history"][-1]
+
+
+def test_refusals_say_what_the_order_is_and_what_it_should_be() -> None:
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Claimed, not Pending$"):
+        lc.claim(read(claimed()), B, NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is not initialised, not Failed$"):
+        lc.requeue(make_order(status={}), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Pending, not Claimed$"):
+        lc.expire(read(pending()), NOW)
+    with pytest.raises(TransitionError) as wrong_holder:
+        lc.complete(read(claimed()), AGENT_B, 1, "ok", NOW)
+    assert str(wrong_holder.value) == (
+        f"team-a/wo-1: the claim is now attempt 1 of agent {AGENT_A}, not attempt 1 of {AGENT_B}"
+    )
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is already initialised \(Pending\)$"):
+        lc.initialise(read(pending()), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1: the claim has not expired yet$"):
+        lc.expire(read(claimed()), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1: targeting does not admit agent "):
+        lc.claim(read(pending({"targeting": {"agentIds": [AGENT_A]}})), B, NOW)
+    when = format_time(NOW + seconds(120))
+    with pytest.raises(TransitionError, match=rf"^team-a/wo-1: retry not due until {when}$"):
+        lc.due(read(retry_pending()), NOW)
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Claimed, not Pending$"):
+        lc.waiting(read(claimed()), "NoBuildAgent", "m", NOW)
+
+
+def test_waiting_says_why_on_a_pending_order_and_leaves_it_claimable() -> None:
+    body = pending()
+    write = lc.waiting(read(body), "NoBuildAgent", "no build agent runs", NOW)
+    assert write.guards["/status"] == body["status"]
+    s = write.status
+    assert (s["phase"], s["attempt"], s["retryCount"]) == ("Pending", 0, 0)
+    assert {c["reason"] for c in s["conditions"]} == {"NoBuildAgent"}
+    assert condition_states(s) == {"Succeeded": "Unknown", "Reconciling": "True", "Stalled": "False"}
+    assert s["updatedAt"] == format_time(NOW)
+    claimed_after = store(body, write)
+    assert read(store(claimed_after, lc.claim(read(claimed_after), A, NOW))).status.phase == "Claimed"
+
+
+def test_leftovers_of_a_minimal_agent_are_cleared_by_the_next_transition() -> None:
+    # An agent in another language writes only the transitions table: fields it leaves behind
+    # must not survive into a state where they mean something else.
+    stale = format_time(NOW - seconds(60))
+    leftover = with_status(pending(), renewedAt=stale, nextRetryAfter=stale)
+    s = lc.claim(read(leftover), A, NOW).status
+    assert "renewedAt" not in s
+    done = lc.complete(read(with_status(claimed(), nextRetryAfter=stale)), AGENT_A, 1, "ok", NOW).status
+    assert "nextRetryAfter" not in done
+    requeued = lc.requeue(read(with_status(failed(), nextRetryAfter=stale)), NOW).status
+    assert "nextRetryAfter" not in requeued
+
+
+def test_a_claim_records_who_claimed_it() -> None:
+    s = lc.claim(read(pending()), A, NOW, user="system:serviceaccount:team-a:builder").status
+    assert s["claimedByUser"] == "system:serviceaccount:team-a:builder"
+    assert "claimedByUser" not in lc.claim(read(pending()), A, NOW).status
+    # The next transition away from Claimed clears it with the rest of the claim.
+    body = store(pending(), lc.claim(read(pending()), A, NOW, user="u"))
+    assert "claimedByUser" not in lc.release(read(body), AGENT_A, 1, NOW).status
+
+
+def test_initialise_writes_the_counters_even_when_the_defaults_are_missing() -> None:
+    # No status at all (an API server that does not apply the CRD's status defaults).
+    s = lc.initialise(make_order(status={}), T_INIT).status
+    assert (s["attempt"], s["retryCount"]) == (0, 0)
+    r = lc.initialise(make_order(status={}), T_INIT, "document 1: kind Pod").status
+    assert (r["phase"], r["attempt"], r["retryCount"]) == ("Failed", 0, 0)
+
+
+def test_a_claim_without_any_time_counts_from_the_order_creation() -> None:
+    odd = read(with_status(claimed({"claimTimeoutSeconds": 60}), claimedAt=None, renewedAt=None))
+    assert lc.claim_deadline(odd) == CREATED + seconds(60)
+
+
+def test_an_expiry_keeps_its_reason_in_the_history() -> None:
+    write = lc.expire(read(claimed()), NOW + seconds(3600))
+    assert write.status["history"][-1]["message"] == write.message
+    assert write.status["lastError"] == write.message
+
+
+# --- the conditions backstop, as mutation testing asked for -------------------------------------
+
+
+def conditions_of(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """`body` with some fields of its conditions changed: {type: {field: value}}."""
+    status = copy.deepcopy(body["status"])
+    for c in status["conditions"]:
+        c.update(changes.get(c["type"], {}))
+    return {**body, "status": status}
+
+
+def test_conditions_are_true_only_when_every_one_says_the_phase() -> None:
+    assert lc.conditions_true(make_order(status={}))  # no phase yet: nothing to say
+    body = claimed()
+    assert lc.conditions_true(read(body))
+    assert not lc.conditions_true(read(conditions_of(body, Reconciling={"status": "False"})))
+    assert not lc.conditions_true(read(conditions_of(body, Succeeded={"status": "True"})))
+    assert not lc.conditions_true(read(conditions_of(body, Stalled={"observedGeneration": 0})))
+    done = failed()
+    assert lc.conditions_true(read(done))
+    assert not lc.conditions_true(read(conditions_of(done, Stalled={"status": "False"})))
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"phase": "Claimed"}, f"claimed by agent {AGENT_A} (attempt 1)"),
+        (
+            {"phase": "RetryPending", "retryCount": 1, "lastError": "boom", "nextRetryAfter": format_time(NOW)},
+            f"attempt 1 failed: boom; retry 1 after {format_time(NOW)}",
+        ),
+        ({"phase": "RetryPending", "retryCount": 1}, "attempt 1 failed: no reason given; retry 1"),
+        ({"phase": "Completed"}, f"completed by agent {AGENT_A} in attempt 1"),
+        ({"phase": "Completed", "claimedBy": None}, "completed"),
+        ({"phase": "Failed", "lastError": "disk full", "result": "r"}, "failed: disk full"),
+        ({"phase": "Failed", "result": "bad input"}, "failed: bad input"),
+        ({"phase": "Failed"}, "failed: no reason given"),
+        ({"phase": "Pending", "claimedBy": None, "claimedAt": None}, "waiting for an agent"),
+    ],
+)
+def test_what_the_backstop_says_for_a_phase_a_minimal_agent_wrote(fields: dict[str, Any], said: str) -> None:
+    body = minimal_agent(with_status(claimed(), observedGeneration=0), **fields)
+    write = lc.sync_conditions(read(body), NOW + SECOND)
+    assert write.transition == "conditions"
+    assert write.message == said
+    assert {c["message"] for c in write.status["conditions"]} == {said}
+
+
+def test_the_backstop_keeps_what_did_not_change_and_stamps_a_missing_update_time() -> None:
+    # Claimed conditions since T_INIT; a minimal agent writes Completed and no updatedAt.
+    body = minimal_agent(claimed(), phase="Completed", updatedAt=None)
+    after = lc.sync_conditions(read(body), NOW + SECOND).status
+    moved = {c["type"]: c["lastTransitionTime"] for c in after["conditions"]}
+    assert moved == {
+        "Succeeded": format_time(NOW + SECOND),
+        "Reconciling": format_time(NOW + SECOND),
+        "Stalled": format_time(T_INIT),  # False before and after: it did not transition
+    }
+    assert after["updatedAt"] == format_time(NOW + SECOND)
+    # An update time the agent wrote is its own.
+    stamped = minimal_agent(claimed(), phase="Completed", updatedAt=format_time(NOW))
+    assert lc.sync_conditions(read(stamped), NOW + SECOND).status["updatedAt"] == format_time(NOW)
+
+
+def test_the_backstop_refuses_when_there_is_nothing_to_write() -> None:
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1: conditions already match phase Claimed$"):
+        lc.sync_conditions(read(claimed()), NOW)
+
+
+def test_an_agent_clock_ahead_by_exactly_the_tolerance_is_believed() -> None:
+    assert lc.agent_time(NOW + lc.CLOCK_TOLERANCE, NOW) == NOW + lc.CLOCK_TOLERANCE
+    assert lc.agent_time(NOW + lc.CLOCK_TOLERANCE + MICROSECOND, NOW) == NOW
+    assert lc.agent_time(None, NOW) is None
+    assert lc.agent_time(NOW + seconds(3600), None) == NOW + seconds(3600)
