@@ -3,7 +3,7 @@
     from workorder_operator.agent import Agent
     from workorder_operator.kube import api_client
 
-    agent = Agent(api_client(), id="6f1c...", work_types=["backup"], labels=["zone-a"])
+    agent = Agent(api_client(), id="6f1c2a4e-...", work_types=["backup"], labels=["zone-a"])
     claim = agent.claim_next()              # highest priority, oldest first; None if nothing is free
     if claim:
         with claim.renewing():              # heartbeats in the background while the work runs
@@ -34,7 +34,7 @@ from workorder_operator.errors import Conflict, Failure, NotFound, Transient, Wo
 from workorder_operator.kube import ApiClient, OrderWatch, WorkOrders, api_error, whoami
 from workorder_operator.lifecycle import StatusWrite, TransitionError
 from workorder_operator.model import Phase, WorkOrder, utcnow
-from workorder_operator.targeting import AgentIdentity, admits
+from workorder_operator.targeting import AgentIdentity, admits, check_agent_id
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +210,16 @@ class Agent:
         labels: Sequence[str] = (),
         annotations: dict[str, str] | None = None,
         namespace: str | None = None,
+        field_manager: str = "workorder-agent",
     ) -> None:
         self.api = api
-        self.identity = AgentIdentity(id or str(uuid.uuid4()), tuple(labels), dict(annotations or {}))
+        agent_id = check_agent_id(id, "Agent id") if id is not None else str(uuid.uuid4())
+        self.identity = AgentIdentity(agent_id, tuple(labels), dict(annotations or {}))
         self.work_types = tuple(work_types)
         self.namespace = namespace
-        # One field manager for all agents: managedFields stays one entry however many agents write.
-        self.orders = WorkOrders(api, "workorder-agent")
+        # One field manager for all agents of a kind (the SDK's, the plugin's): managedFields stays
+        # one entry however many agents write.
+        self.orders = WorkOrders(api, field_manager)
         self._user: str | None = None
         # How many of the oldest candidates the run loop spreads its attempts over (grows on lost races).
         self._window = 1

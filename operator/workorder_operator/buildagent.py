@@ -29,13 +29,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from workorder_operator import build, metrics
 from workorder_operator.agent import Claim
 from workorder_operator.errors import Conflict, Failure, NotFound, Refused
 from workorder_operator.executor import AgentConfig, Interrupted, Waiting
-from workorder_operator.kube import ApiClient
+from workorder_operator.kube import ApiClient, post_event
 from workorder_operator.model import WorkOrder
 from workorder_operator.shipwright import BUILDRUNS, BUILDS, NotOurs, Shipwright
 
@@ -78,6 +79,8 @@ class BuildExecutor:
         self.registration_timeout = registration_timeout
         # Nor for a BuildRun nothing starts (no Tekton, no ServiceAccount, a stuck Shipwright).
         self.buildrun_start_timeout = buildrun_start_timeout
+        # Where refusals are told (the operator points this at its engine's rate-limited events).
+        self.post: Callable[[WorkOrder, str, str, str], None] = partial(post_event, api)
 
     def check(self, order: WorkOrder) -> str | None:
         try:
@@ -111,17 +114,18 @@ class BuildExecutor:
         try:
             plan = build.parse_content(order.spec.yaml_content, order.namespace)
         except build.ContentError as exc:
-            raise Failure(str(exc), retryable=False) from exc
+            raise self._refused(order, str(exc)) from exc
         for doc in plan.builds:
             try:
                 self.shipwright.apply_build(order, doc)
             except NotOurs as exc:
-                raise Failure(f"{BUILD_NAME_TAKEN}: {exc}", retryable=False) from None
+                raise self._refused(order, f"{BUILD_NAME_TAKEN}: {exc}") from None
             except (Refused, NotFound, Conflict) as exc:
                 # Refused for what it is (invalid for the Build schema, forbidden...): no retry helps.
                 # (Transient errors pass: the API server is busy or away, a retryable failure.)
-                raise Failure(f"Build {doc['metadata']['name']!r} refused by the API server: {exc}",
-                              retryable=False) from None  # fmt: skip
+                raise self._refused(
+                    order, f"Build {doc['metadata']['name']!r} refused by the API server: {exc}"
+                ) from None
         self._wait_registered(claim, plan.run, stopped)
         name = build.buildrun_name(order.name, claim.attempt)
         try:
@@ -167,7 +171,13 @@ class BuildExecutor:
             raise Failure(f"Build {build_name!r} was deleted before it was registered", retryable=False)
         ok, why = build.registration(registered)
         if not ok:
-            raise Failure(f"Build {build_name!r} is not valid: {why}", retryable=False)
+            raise self._refused(claim.order, f"Build {build_name!r} is not valid: {why}")
+
+    def _refused(self, order: WorkOrder, why: str) -> Failure:
+        """A build this agent will not run, whatever the retries: a final failure, and a `Reject`
+        event saying why (the Fail event that follows says only that the attempt failed)."""
+        self.post(order, "Warning", "Reject", f"build refused: {why}")
+        return Failure(why, retryable=False)
 
     def _wait_started(self, claim: Claim, name: str, stopped: Callable[[], bool]) -> None:
         # Counted from this process's first look, so a restarted operator gives a resumed BuildRun

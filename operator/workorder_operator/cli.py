@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +34,7 @@ from workorder_operator.errors import Conflict, NotFound, Transient, WorkOrderEr
 from workorder_operator.kube import KubeconfigError, WorkOrders, api_client, api_error, kubeconfig_namespace
 from workorder_operator.model import PLURAL, Phase, WorkOrder, order_body, utcnow
 from workorder_operator.seed import seed_view
+from workorder_operator.targeting import check_agent_id
 
 EXIT_CODES = {
     "error": 1,
@@ -44,8 +47,11 @@ EXIT_CODES = {
     "nothing-to-claim": 8,
     "no-file": 9,
     "no-namespace": 10,
+    "no-command": 11,
 }
 EX_TEMPFAIL = 75
+# Named after the tool in managedFields and the API server's audit log, as kubectl names itself.
+FIELD_MANAGER = "kubectl-workorder"
 OUTPUT_TAIL = 4096
 
 
@@ -76,11 +82,21 @@ def parse_handle(text: str) -> tuple[str, str, str, int, str]:
         namespace, name = where.split("/")
         if not (namespace and name and uid and agent_id):
             raise ValueError(text)
-        return namespace, name, uid, int(attempt), agent_id
+        number = int(attempt)
     except ValueError:
         raise CliError(
             "usage", f"not a claim handle: {text!r}; expected NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID as printed by claim"
         ) from None
+    _valid_id(agent_id, "the handle's agent id", f"{namespace}/{name}")
+    return namespace, name, uid, number, agent_id
+
+
+def _valid_id(agent_id: str, field: str, order: str | None = None) -> str:
+    """A usage error naming the field (and the order meant) for an agent id that is not a UUID."""
+    try:
+        return check_agent_id(agent_id, field)
+    except ValueError as exc:
+        raise CliError("usage", (f"workorder {order}: " if order else "") + str(exc)) from None
 
 
 # --- connection and errors ----------------------------------------------------------------------
@@ -93,7 +109,8 @@ class Session:
             self.api = api_client(args.kubeconfig, args.context)
         except (KubeconfigError, OSError) as exc:
             raise CliError("unreachable", f"no usable kubeconfig ({exc}); pass --kubeconfig or set KUBECONFIG") from exc
-        self.orders = WorkOrders(self.api, "kubectl-workorder")
+        self.api.user_agent = f"{FIELD_MANAGER}/{__version__}"
+        self.orders = WorkOrders(self.api, FIELD_MANAGER)
 
     @property
     def namespace(self) -> str:
@@ -157,6 +174,8 @@ def age(order: WorkOrder) -> str:
 
 
 def _reason(order: WorkOrder) -> str:
+    if order.status.reason:
+        return order.status.reason
     succeeded = order.status.condition("Succeeded")
     return succeeded.reason if succeeded else ""
 
@@ -188,6 +207,9 @@ def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool) -> str:
 
 def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool) -> None:
     parsed = [WorkOrder.from_body(b) for b in orders]
+    # As kubectl does: managedFields are bookkeeping for the API server, not for people.
+    for body in orders:
+        body.get("metadata", {}).pop("managedFields", None)
     fmt = args.output
     if fmt == "json":
         print(json.dumps(orders[0] if single else {"apiVersion": "v1", "kind": "List", "items": orders}, indent=2))
@@ -303,10 +325,12 @@ def cmd_requeue(s: Session, args: argparse.Namespace) -> int:
 
 
 def _agent(s: Session, args: argparse.Namespace) -> Agent:
+    name = getattr(args, "name", None)
+    _valid_id(args.id, "--id (or $WORKORDER_AGENT_ID)", f"{s.namespace}/{name}" if name else None)
     return Agent(
         s.api, args.id, work_types=args.type or (), labels=args.label or (),
         annotations=dict(_key_value(a) for a in args.annotation or ()),
-        namespace=None if getattr(args, "all_namespaces", False) else s.namespace,
+        namespace=None if getattr(args, "all_namespaces", False) else s.namespace, field_manager=FIELD_MANAGER,
     )  # fmt: skip
 
 
@@ -336,6 +360,7 @@ def _exact_claim(s: Session, args: argparse.Namespace) -> tuple[str, str, str, i
             f"{args.command} {args.claim}: also pass {', '.join(missing)} (or the handle claim printed, "
             "NAMESPACE/NAME:UID:ATTEMPT:AGENT_ID): holder commands act only on the exact claim you were given",
         )
+    _valid_id(args.id, "--id (or $WORKORDER_AGENT_ID)", f"{s.namespace}/{args.claim}")
     return s.namespace, args.claim, args.uid, args.attempt, args.id
 
 
@@ -343,7 +368,7 @@ def _held(s: Session, args: argparse.Namespace) -> Claim:
     """A handle on exactly the claim the caller names; claim-lost if the order no longer holds it."""
     namespace, name, uid, attempt, agent_id = _exact_claim(s, args)
     order = WorkOrder.from_body(s.orders.get(namespace, name))
-    agent = Agent(s.api, agent_id, namespace=namespace)
+    agent = Agent(s.api, agent_id, namespace=namespace, field_manager=FIELD_MANAGER)
     held = Claim(agent, order)
     held.attempt = attempt
     st = order.status
@@ -352,12 +377,19 @@ def _held(s: Session, args: argparse.Namespace) -> Claim:
             "claim-lost",
             f"workorder {order.key} was deleted and created again (uid {order.uid}, not {uid}): the claim is lost",
         )
+    if st.phase is not None and st.phase.terminal:
+        by = f" by agent {st.claimed_by} in attempt {st.attempt}" if st.claimed_by else ""
+        at = f" at {order.raw_status['completedAt']}" if order.raw_status.get("completedAt") else ""
+        yours = " (your attempt)" if st.claimed_by == agent_id and st.attempt == attempt else ""
+        raise CliError(
+            "claim-lost", f"workorder {order.key} is already {st.phase}{by}{at}{yours}: nothing left to {args.command}"
+        )
     if st.phase != Phase.CLAIMED or st.claimed_by != agent_id or st.attempt != attempt:
-        holder = f"attempt {st.attempt} of agent {st.claimed_by}" if st.claimed_by else "nobody"
+        now = f"held by attempt {st.attempt} of agent {st.claimed_by}" if st.claimed_by else "held by nobody"
         raise CliError(
             "claim-lost",
-            f"workorder {order.key} is {st.phase} (claim held by {holder}), not attempt {attempt} of "
-            f"agent {agent_id}: the claim is lost or was never taken",
+            f"workorder {order.key} is {st.phase}, {now}; your claim (attempt {attempt} of agent {agent_id}) "
+            "is lost or was never taken",
         )
     return held
 
@@ -392,6 +424,42 @@ class CommandRunner:
         self._print = threading.Lock()
 
     def __call__(self, claim: Claim) -> str:
+        """Run the command and report the outcome itself, so each order gets one line saying how
+        its attempt ended (the SDK would report it silently)."""
+        where = f"{claim.order.key} attempt {claim.attempt}"
+        self._say(f"{where}: claimed")
+        started = time.monotonic()
+        try:
+            try:
+                result = self._run(claim)
+            except _CommandFailed as exc:
+                claim.fail(str(exc), retryable=exc.retryable)
+                s, spec = claim.order.status, claim.order.spec
+                took = time.monotonic() - started
+                if s.phase == Phase.RETRY_PENDING:
+                    after = f" after {s.next_retry_after:%H:%M:%S}" if s.next_retry_after else ""
+                    self._say(f"{where}: failed (retryable: {exc.short}) in {took:.1f}s; "
+                              f"retry {s.retry_count} of {spec.max_retries}{after}")  # fmt: skip
+                else:
+                    self._say(f"{where}: failed (final: {exc.short}) in {took:.1f}s")
+                return ""
+            if result is None:
+                self._say(f"{where}: released (agent shutting down) after {time.monotonic() - started:.1f}s")
+                return ""
+            claim.complete(result)
+            self._say(f"{where}: completed in {time.monotonic() - started:.1f}s")
+        except ClaimLost as exc:
+            self._say(f"{where}: claim lost after {time.monotonic() - started:.1f}s ({exc})")
+            raise
+        return ""
+
+    def _say(self, line: str) -> None:
+        with self._print:
+            print(line, file=sys.stderr, flush=True)
+
+    def _run(self, claim: Claim) -> str | None:
+        """The command's result (the last line of its output); None when released on shutdown;
+        `_CommandFailed` when it failed."""
         o = claim.order
         env = dict(
             os.environ,
@@ -400,10 +468,14 @@ class CommandRunner:
             WORKORDER_RETRY_COUNT=str(o.status.retry_count), WORKORDER_AGENT_ID=claim.agent.id,
             WORKORDER_PRIORITY=str(o.spec.priority), WORKORDER_HANDLE=handle(o, claim.agent.id),
         )  # fmt: skip
-        proc = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            start_new_session=True,
-        )  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:  # checked at start-up, but gone or changed since
+            why = f"cannot run {self.command[0]}: {exc.strerror or exc}"
+            raise _CommandFailed(why, True, why) from None
         tails: dict[str, list[str]] = {"out": [], "err": []}
         pumps = [
             threading.Thread(target=self._pump, args=(proc.stdout, o.name, tails["out"], sys.stdout), daemon=True),
@@ -418,14 +490,16 @@ class CommandRunner:
         out, err = "".join(tails["out"])[-OUTPUT_TAIL:].strip(), "".join(tails["err"])[-OUTPUT_TAIL:].strip()
         if outcome == "stopped":
             claim.release("agent shutting down")
-            return ""
+            return None
         if outcome == "timeout":
-            raise Failure(f"timed out after {self.timeout:g}s" + (f": {err}" if err else ""), retryable=True)
+            took = f"timed out after {self.timeout:g}s"
+            raise _CommandFailed(took, True, took + (f": {err}" if err else ""))
         code = proc.returncode
         if code == 0:
             # The result is the last line printed (a digest, a URL, a count); the full output was streamed.
             return out.splitlines()[-1] if out else ""
-        raise Failure(f"exit code {code}" + (f": {err or out}" if err or out else ""), retryable=code in self.retryable)
+        error = f"exit code {code}" + (f": {err or out}" if err or out else "")
+        raise _CommandFailed(f"exit {code}", code in self.retryable, error)
 
     def _wait(self, proc: subprocess.Popen[bytes]) -> str:
         waited = 0.0
@@ -465,6 +539,15 @@ class CommandRunner:
                 kept -= len(tail.pop(0))
 
 
+class _CommandFailed(Failure):
+    """The command failed: `short` is what the one-line report says (exit 75), the error stored
+    on the order adds the tail of its output."""
+
+    def __init__(self, short: str, retryable: bool, error: str) -> None:
+        super().__init__(error, retryable=retryable)
+        self.short = short
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the command's process group, SIGKILL after 5 s."""
     try:
@@ -477,6 +560,16 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
+def _check_command(program: str) -> None:
+    """Before anything is claimed: a mistyped command would fail every order it takes."""
+    path = program if os.sep in program else shutil.which(program)
+    if path is None or not os.path.isfile(path):
+        where = "" if os.sep in program else " on PATH"
+        raise CliError("no-command", f"command {program!r} not found{where}; nothing was claimed")
+    if not os.access(path, os.X_OK):
+        raise CliError("no-command", f"command {program!r} is not executable (chmod +x {path}); nothing was claimed")
+
+
 def cmd_agent_run(s: Session, args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
@@ -485,6 +578,7 @@ def cmd_agent_run(s: Session, args: argparse.Namespace) -> int:
         raise CliError(
             "usage", "agent run needs a command after --, e.g. kubectl workorder agent run --type test -- ./run.sh"
         )
+    _check_command(command[0])
     agent = _agent(s, args)
     # Fail fast with a readable error if the cluster or the CRD is not there.
     s.orders.list(agent.namespace, field_selector=agent._selector())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -111,11 +112,13 @@ class Engine:
         # The API workers serve transitions only.
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="workorder-api")
         self._content_pool = ThreadPoolExecutor(max_workers=CONTENT_WORKERS, thread_name_prefix="workorder-content")
-        # Events go through their own small pool so a burst of them never queues ahead of transitions.
-        self._event_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workorder-events")
+        # Events go through their own pool so a burst of them never queues ahead of transitions;
+        # one thread, so they are posted (and timestamped) in the order they happened.
+        self._event_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workorder-events")
         self._post_event = post_event
         self._event_tokens = EVENT_BURST
         self._event_refilled = time.monotonic()
+        self._event_lock = threading.Lock()
         # Content the operator itself cannot run: a reason to fail the order at initialisation.
         self._executors = executors
         self._tracked: dict[str, _Tracked] = {}
@@ -151,13 +154,17 @@ class Engine:
         if tracked is not None and _rv(order) < _rv(tracked.order):
             return  # an older version than one we already hold (our own write's answer came first)
         if self.counting:
-            if tracked is not None:
-                metrics.record_change(tracked.order, order)
-            elif event_type == "ADDED":
+            before = tracked.order if tracked is not None else None
+            if before is None and event_type == "ADDED":
                 # A new order whose first sight is already past Pending (an agent was faster than
                 # our watch): count from the state every order is born in.
-                born = order.model_copy(update={"status": Status(phase=Phase.PENDING), "raw_status": {}})
-                metrics.record_change(born, order)
+                before = order.model_copy(update={"status": Status(phase=Phase.PENDING), "raw_status": {}})
+            if before is not None:
+                metrics.record_change(before, order)
+                # Every status change passes here, whoever wrote it (agents, admins, our own
+                # writes), so the leader tells each order's whole story in Events, once.
+                for note in lifecycle.story(before, order):
+                    self.event(order, note.type, note.reason, note.message)
         tracked = self._track(order, tracked, tracked.rejection if tracked else None)
         if (
             self._executors is not None
@@ -348,10 +355,7 @@ class Engine:
             self.scheduler.schedule(uid, now + dt.timedelta(seconds=ERROR_RETRY_SECONDS))
             return
         log.info("%s: %s (%s)", order.key, write.transition, write.message, extra=order.logref)
-        if write.transition not in ("initialise", "conditions"):
-            kind = "Warning" if write.transition in ("expire", "reject") else "Normal"
-            self._event(order, kind, write.transition.capitalize(), write.message)
-        self.observe("MODIFIED", body)
+        self.observe("MODIFIED", body)  # which posts its event, as for everyone's transitions
 
     async def _delete(self, order: WorkOrder, budget: float | None) -> None:
         """TTL: delete this very version; if it changed meanwhile (requeued just as its TTL fell
@@ -371,7 +375,7 @@ class Engine:
             self.observe(None, body)
             return
         log.info("%s: deleted (ttlSecondsAfterFinished reached)", order.key, extra=order.logref)
-        self._event(order, "Normal", "Deleted", "ttlSecondsAfterFinished reached")
+        self.event(order, "Normal", "Deleted", "ttlSecondsAfterFinished reached")
 
     def _transition(self, action: Action, order: WorkOrder, tracked: _Tracked, now: dt.datetime) -> StatusWrite:
         if action == Action.INITIALISE:
@@ -382,18 +386,22 @@ class Engine:
             return lifecycle.expire(order, now, tracked.first_seen, tracked.seen_at)
         return lifecycle.due(order, now)
 
-    def _event(self, order: WorkOrder, kind: str, reason: str, message: str) -> None:
-        """Posted in the background and rate-limited: an event is never worth delaying a deadline."""
+    def event(self, order: WorkOrder, kind: str, reason: str, message: str) -> None:
+        """Posted in the background and rate-limited: an event is never worth delaying a deadline.
+        Thread-safe (the build agent posts its refusals here too, under the same limit)."""
         if self._post_event is None:
             return
-        now = time.monotonic()
-        self._event_tokens = min(EVENT_BURST, self._event_tokens + (now - self._event_refilled) * EVENTS_PER_SECOND)
-        self._event_refilled = now
-        if self._event_tokens < 1:
+        with self._event_lock:
+            now = time.monotonic()
+            self._event_tokens = min(EVENT_BURST, self._event_tokens + (now - self._event_refilled) * EVENTS_PER_SECOND)
+            self._event_refilled = now
+            allowed = self._event_tokens >= 1
+            if allowed:
+                self._event_tokens -= 1
+        if not allowed:
             metrics.EVENTS_DROPPED.inc()
             log.debug("%s: event %s dropped (rate limit)", order.key, reason, extra=order.logref)
             return
-        self._event_tokens -= 1
         self._event_pool.submit(self._post_event, order, kind, reason, message)
 
 

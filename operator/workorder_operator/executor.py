@@ -223,6 +223,12 @@ class Executors:
         agent = self._agents.get(order.spec.work_type)
         return agent.rejection(order) if agent is not None else None
 
+    def post_events_through(self, sink: Callable[[WorkOrder, str, str, str], None]) -> None:
+        """Point the executors that post events of their own (a `post` attribute) at `sink`."""
+        for agent in self:
+            if hasattr(agent.executor, "post"):
+                agent.executor.post = sink
+
     def start(self) -> None:
         for agent in self:
             agent.start()

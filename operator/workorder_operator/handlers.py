@@ -103,6 +103,8 @@ async def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, logger: k
         namespaces=ours.namespaces,
     )
     state.engine = engine
+    # Executors tell refusals through the engine's rate-limited events.
+    executors.post_events_through(engine.event)
     state.tasks.append(asyncio.create_task(engine.resync_forever(ours.resync_seconds)))
     metrics.track_engine(engine.tracked_orders, lambda: len(engine.scheduler))
     if ours.metrics_port:

@@ -353,7 +353,9 @@ def post_event(api: client.ApiClient, order: WorkOrder, kind: str, reason: str, 
             "namespace": order.namespace, "uid": order.uid, "resourceVersion": order.resource_version,
         },
         "type": kind, "reason": reason, "message": message[:1024],
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        # eventTime (microseconds) and no second-precision lastTimestamp: `kubectl events` sorts
+        # by it, so a claim and the failure a moment later are listed in the order they happened.
+        "eventTime": now, "action": reason,
         "source": {"component": OPERATOR_MANAGER}, "reportingComponent": OPERATOR_MANAGER,
         "reportingInstance": OPERATOR_MANAGER,
     }  # fmt: skip

@@ -126,6 +126,7 @@ def _next_status(
     status["observedGeneration"] = order.generation
     old = order.raw_status.get("conditions") or []
     status["conditions"] = _conditions(old, phase, message, now, order.generation, why)
+    status["reason"] = why or str(_PHASE_REASON[phase])
     return status
 
 
@@ -421,6 +422,8 @@ def conditions_true(order: WorkOrder) -> bool:
         if c is None or c.get("status") != cstatus or c.get("observedGeneration") != order.generation:
             return False
     reason = conditions["Succeeded"].get("reason")
+    if order.raw_status.get("reason") != reason:  # the REASON column says what the condition says
+        return False
     if phase == Phase.PENDING:
         return reason not in {str(r) for p, r in _PHASE_REASON.items() if p != Phase.PENDING}
     return reason == str(_PHASE_REASON[phase])
@@ -450,6 +453,7 @@ def sync_conditions(order: WorkOrder, now: dt.datetime) -> StatusWrite:
     status = dict(order.raw_status)
     status["observedGeneration"] = order.generation
     status["conditions"] = _conditions(status.get("conditions") or [], phase, message, now, order.generation)
+    status["reason"] = str(_PHASE_REASON[phase])
     status.setdefault("updatedAt", format_time(now))
     return _write(Transition.CONDITIONS, order, _unchanged(order), status, message)
 
@@ -496,3 +500,81 @@ def plan(
         finished = s.completed_at or s.updated_at or order.created_at
         return Plan(Action.DELETE, _after(finished, order.spec.ttl_seconds_after_finished))
     return Plan()
+
+
+# --- the story of an order, for Events ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Note:
+    """One transition told for a person: an Event's type, reason and message."""
+
+    type: str
+    reason: str
+    message: str
+
+
+def _claimer(order: WorkOrder, attempt: int) -> str:
+    s = order.status
+    if s.claimed_by and s.attempt == attempt:
+        user = order.raw_status.get("claimedByUser")
+        return f"agent {s.claimed_by}" + (f" (user {user})" if user else "")
+    agent = next((h.get("agent") for h in order.raw_status.get("history") or [] if h.get("attempt") == attempt), None)
+    return f"agent {agent}" if agent else "an agent"
+
+
+def story(old: WorkOrder, new: WorkOrder) -> list[Note]:
+    """What happened between two versions of an order, whoever did it (agents, the operator, an
+    admin, a minimal agent that writes only the transitions' fields): the operator sees every
+    status change and posts these as Events, so `kubectl events --for wo/NAME` tells it all.
+    Renewals and condition rewrites are not news."""
+    o, n = old.status, new.status
+    if o.phase == n.phase and o.attempt == n.attempt:
+        return []
+    told: list[tuple[int, int, Note]] = []  # (attempt, claim 0 / finish 1, note): told in order
+    # A fast agent may have claimed and finished more than once between two versions we saw.
+    for a in range(max(o.attempt + 1, n.attempt - 2), n.attempt + 1):
+        told.append((a, 0, Note("Normal", "Claim", f"attempt {a} claimed by {_claimer(new, a)}")))
+    seen = old.raw_status.get("history") or []
+    finished = [h for h in new.raw_status.get("history") or [] if h not in seen]
+    ended = n.phase not in (None, Phase.CLAIMED) and (n.attempt > o.attempt or o.phase == Phase.CLAIMED)
+    if ended and n.attempt > 0 and not any(h.get("attempt") == n.attempt for h in finished):
+        # A minimal agent keeps no history: the phase it wrote says how the attempt ended.
+        outcome = {Phase.COMPLETED: Outcome.SUCCEEDED, Phase.PENDING: Outcome.RELEASED}.get(n.phase, Outcome.FAILED)  # type: ignore[arg-type]
+        agent = o.claimed_by if o.attempt == n.attempt else n.claimed_by
+        finished.append({"attempt": n.attempt, "agent": agent, "outcome": str(outcome)})
+    last = n.attempt if n.phase != Phase.CLAIMED else -1
+    for h in finished:
+        a, agent, message = int(h.get("attempt") or 0), h.get("agent") or "?", h.get("message") or ""
+        outcome = h.get("outcome")
+        if outcome == Outcome.SUCCEEDED:
+            result = new.raw_status.get("result") if a == last else None
+            note = Note("Normal", "Complete", f"attempt {a} completed by agent {agent}"
+                        + (f": result {result}" if result else ""))  # fmt: skip
+        elif outcome == Outcome.FAILED:
+            error = message or n.last_error or "no reason given"
+            if a == last and n.phase == Phase.RETRY_PENDING:
+                due = f" after {format_time(n.next_retry_after)}" if n.next_retry_after else ""
+                why = f"retryable: retry {n.retry_count} of {new.spec.max_retries}{due}"
+            elif a == last and n.phase == Phase.FAILED:
+                why = "final: " + ("retries used up" if n.retry_count >= new.spec.max_retries else "not retryable")
+            else:
+                why = "retried"
+            note = Note("Warning", "Fail", f"attempt {a} of agent {agent} failed ({why}): {error}")
+        elif outcome == Outcome.EXPIRED:
+            note = Note("Warning", "Expire", message or f"claim of agent {agent} (attempt {a}) expired")
+        else:
+            note = Note(
+                "Normal", "Release", f"attempt {a} released by agent {agent}" + (f": {message}" if message else "")
+            )
+        told.append((a, 1, note))
+    notes = [note for _, _, note in sorted(told, key=lambda t: (t[0], t[1]))]
+    if o.attempt == n.attempt:
+        if o.phase == Phase.RETRY_PENDING and n.phase == Phase.PENDING:
+            notes.append(Note("Normal", "Due", f"retry {n.retry_count} of {new.spec.max_retries} due: "
+                              "waiting for an agent"))  # fmt: skip
+        elif o.phase == Phase.FAILED and n.phase == Phase.PENDING:
+            notes.append(Note("Normal", "Requeue", "requeued after failure: Pending, retries reset"))
+        elif o.phase in (None, Phase.PENDING) and n.phase == Phase.FAILED and not finished:
+            notes.append(Note("Warning", "Reject", f"rejected: {n.last_error or n.result or 'no reason given'}"))
+    return notes

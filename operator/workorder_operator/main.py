@@ -19,6 +19,16 @@ from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildExecutor, build
 from workorder_operator.executor import AgentConfig, Executor, ExecutorAgent, Executors
 from workorder_operator.kube import OPERATOR_MANAGER, api_client
 from workorder_operator.settings import LeaseConfig, Settings
+from workorder_operator.targeting import check_agent_id
+
+FULL_FORMAT = "[%(asctime)s] %(name)s [%(levelname)-8.8s] %(message)s"
+
+
+def _agent_id(text: str) -> str:
+    try:
+        return check_agent_id(text, "")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,7 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ha.add_argument("--leader-election-name", default="workorder-operator", help="name of the Lease")
     build = parser.add_argument_group("built-in build agent (runs `build` orders with Shipwright)")
     build.add_argument("--no-build-agent", action="store_true", help="leave build orders to external agents")
-    build.add_argument("--build-agent-id", default=DEFAULT_AGENT_ID, help="its agent UUID, for targeting")
+    build.add_argument(
+        "--build-agent-id", default=DEFAULT_AGENT_ID, type=_agent_id, help="its agent UUID, for targeting"
+    )
     build.add_argument("--build-agent-label", action="append", help="its labels (repeatable; default: shipwright)")
     build.add_argument("--build-agent-annotation", action="append", default=[], help="its annotations KEY=VALUE")
     build.add_argument("--build-concurrency", type=int, default=4, help="builds run at once (default 4)")
@@ -107,6 +119,11 @@ def main(argv: Sequence[str] | None = None, executors: Sequence[tuple[Executor, 
     settings = settings_from(args)
     registry = executors_from(args, settings, executors)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_refkey="workorder")
+    if args.log_format == "full":
+        # kopf's full format cuts logger names at 20 characters (workorder_operator.e): keep them whole.
+        for handler in logging.getLogger().handlers:
+            if handler.formatter is not None:
+                handler.setFormatter(type(handler.formatter)(FULL_FORMAT))
     if not args.verbose:
         # kopf logs every handled watch event at INFO: thousands of lines an hour that say nothing.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)

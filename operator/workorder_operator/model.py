@@ -119,6 +119,8 @@ class Condition(_Camel):
 class Status(_Camel):
     phase: Phase | None = None
     claimed_by: str | None = None
+    # Why the order is where it is (CamelCase, the REASON column), kept by every write.
+    reason: str | None = None
     # The Kubernetes username that took the claim (the admission policy lets only it act on it).
     claimed_by_user: str | None = None
     claimed_at: dt.datetime | None = None

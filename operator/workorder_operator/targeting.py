@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from workorder_operator.model import Targeting
+
+# What the API server's `format: uuid` accepts (targeting.agentIds): 8-4-4-4-12 or 32 hex digits.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}", re.IGNORECASE)
+
+
+def check_agent_id(value: object, field: str = "agent id") -> str:
+    """`value` if it is a UUID, else ValueError naming `field`: an agent with another id could
+    never be targeted, and a long one is refused only when it writes, naming whatever order it
+    tried to claim."""
+    if not isinstance(value, str) or not _UUID.fullmatch(value):
+        raise ValueError(
+            f"{field} {value!r} is not a UUID (agent ids are UUIDs, e.g. 6f1c2a4e-8d3b-4f7a-9e21-5c0b7d9a1e34; "
+            "uuidgen or cat /proc/sys/kernel/random/uuid makes one)"
+        )
+    return value
 
 
 @dataclass(frozen=True)

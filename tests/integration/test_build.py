@@ -46,6 +46,17 @@ def build_order(cluster: Cluster, namespace: str, name: str, content: str, **spe
     create_order(cluster.api, namespace, name, workType="build", yamlContent=content, **spec)
 
 
+def reject_event(cluster: Cluster, namespace: str, name: str, said: str) -> str:
+    """The Warning `Reject` event a refused build leaves, with its reason (issue 17)."""
+
+    def find() -> str | None:
+        events = client.CoreV1Api(cluster.api).list_namespaced_event(namespace).items
+        return next((e.message for e in events if e.involved_object.name == name and e.reason == "Reject"
+                     and e.type == "Warning" and said in e.message), None)  # fmt: skip
+
+    return wait_for(find, timeout=15, what=f"a Reject event on {name} saying {said!r}")
+
+
 def get(cluster: Cluster, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
     return shipwright_object(cluster.api, namespace, plural, name)
 
@@ -155,6 +166,7 @@ def test_registration_failure_fails_the_order_with_shipwrights_reason(
     assert reason in (failed.status.result or ""), failed.status.result
     assert named in (failed.status.result or "")
     assert get(cluster, namespace, BUILDRUNS, "badbuild-1") is None
+    assert named in reject_event(cluster, namespace, "badbuild", reason)  # issue 17: the refusal says why
 
 
 @dataclass(frozen=True)
@@ -259,6 +271,7 @@ def test_content_the_operator_must_not_run_fails_at_once(
     failed = wait_for(lambda: phase(cluster, namespace, "bad", "Failed"), timeout=15)
     assert said in (failed.status.result or ""), failed.status.result
     assert failed.status.retry_count == 0
+    reject_event(cluster, namespace, "bad", said)
     core = client.CoreV1Api(cluster.api)
     assert "sneaky" not in [c.metadata.name for c in core.list_namespaced_config_map(namespace).items]
     objects = client.CustomObjectsApi(cluster.api)

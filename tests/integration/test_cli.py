@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,10 +59,18 @@ def test_create_list_get_seed_and_history(cluster: Cluster, namespace: str, tmp_
     seed = json.loads(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "seed")))
     assert len(seed) == 15 and seed["status"] == "PENDING" and seed["id"] == body["metadata"]["uid"]
     assert seed["yaml_content"] == content.read_text()
-    assert (
-        yaml.safe_load(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "yaml")))["metadata"]["name"]
-        == "nightly"
-    )
+    shown = yaml.safe_load(ok(kubectl(cluster, "get", "nightly", "-n", namespace, "-o", "yaml")))
+    assert shown["metadata"]["name"] == "nightly"
+    # As kubectl: no managedFields in -o yaml/json (create -o yaml too); and the field manager is the tool.
+    assert "managedFields" not in shown["metadata"]
+    made = yaml.safe_load(ok(kubectl(cluster, "create", "-n", namespace, "--type", "test", "-f", "-", "-o", "yaml",
+                                     stdin="x: 1\n")))  # fmt: skip
+    assert "managedFields" not in made["metadata"] and made["status"]["reason"] == "Pending"
+    handle = ok(kubectl(cluster, "claim", made["metadata"]["name"], "-n", namespace, "--id", AGENT_ID)).strip()
+    ok(kubectl(cluster, "complete", handle))
+    raw = Agent(cluster.api, AGENT_ID).orders.get(namespace, made["metadata"]["name"])
+    managers = {(m["manager"], m.get("subresource", "")) for m in raw["metadata"]["managedFields"]}
+    assert managers == {("kubectl-workorder", ""), ("kubectl-workorder", "status")}, managers
 
     a = Agent(cluster.api, AGENT_ID, labels=("zone-a",))
     a.fail(a.claim(a.read(namespace, "nightly")), "network down")
@@ -82,10 +91,14 @@ def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> N
     got = json.loads(ok(kubectl(cluster, "get", "high", "-n", namespace, "-o", "json")))
     assert got["status"]["phase"] == "Completed" and got["status"]["result"] == "sha256:feed"
 
-    # Completing again: the claim is over -> exit 7 with a one-line reason.
+    # Completing again: the claim is over -> exit 7 with a one-line reason that says so plainly.
     again = kubectl(cluster, "complete", handle)
     assert again.returncode == 7
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert again.stderr.strip() == (
+        f"error: workorder {namespace}/high is already Completed by agent {AGENT_ID} in attempt 1 at "
+        f"{got['status']['completedAt']} (your attempt): nothing left to complete"
+    )
 
     claimed = json.loads(ok(kubectl(cluster, "claim", "low", "-n", namespace, "--id", AGENT_ID, "-o", "json")))
     # The handle spelled out: NAME with --uid, --attempt and --id.
@@ -95,6 +108,35 @@ def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> N
 
     nothing = kubectl(cluster, "claim", "-n", namespace, "--id", AGENT_ID, "--type", "nonexistent")
     assert nothing.returncode == 8 and "nothing to claim" in nothing.stderr
+
+
+def test_agent_ids_must_be_uuids_and_errors_name_the_field_and_the_order(cluster: Cluster, namespace: str) -> None:
+    """Issue 17: `--id notauuid` used to claim (an agent no targeting can name), and a 47-character
+    id got the API server's raw error about whichever order it tried first."""
+    create_order(cluster.api, namespace, "meant")
+    create_order(cluster.api, namespace, "other", priority=5)
+    bad = kubectl(cluster, "claim", "-n", namespace, "--id", "notauuid")
+    assert bad.returncode == 2, bad
+    assert bad.stderr.startswith("error: --id (or $WORKORDER_AGENT_ID) 'notauuid' is not a UUID"), bad.stderr
+    long_id = str(uuid.uuid4()) + "-abcdefghij"  # 47 characters
+    named = kubectl(cluster, "claim", "meant", "-n", namespace, "--id", long_id)
+    assert named.returncode == 2
+    assert named.stderr.startswith(f"error: workorder {namespace}/meant: --id (or $WORKORDER_AGENT_ID) '{long_id}'")
+    assert "other" not in named.stderr and "Too long" not in named.stderr, named.stderr
+    env_id = subprocess.run(["kubectl", "workorder", "claim", "-n", namespace], capture_output=True, text=True,
+                            env=dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), WORKORDER_AGENT_ID="agent-7"),
+                            timeout=60)  # fmt: skip
+    assert env_id.returncode == 2 and "'agent-7' is not a UUID" in env_id.stderr, env_id.stderr
+    uid = Agent(cluster.api, AGENT_ID).read(namespace, "meant").uid
+    handle = kubectl(cluster, "complete", f"{namespace}/meant:{uid}:1:{long_id}")
+    assert handle.returncode == 2
+    assert handle.stderr.startswith(f"error: workorder {namespace}/meant: the handle's agent id '{long_id}'")
+    spelled = kubectl(cluster, "release", "meant", "-n", namespace, "--uid", uid, "--attempt", "1", "--id", "x")
+    assert spelled.returncode == 2 and f"workorder {namespace}/meant: --id" in spelled.stderr, spelled.stderr
+    run = kubectl(cluster, "agent", "run", "-n", namespace, "--id", "notauuid", "--", "true")
+    assert run.returncode == 2 and "'notauuid' is not a UUID" in run.stderr, run.stderr
+    a = Agent(cluster.api, AGENT_ID)
+    assert [a.read(namespace, n).status.phase for n in ("meant", "other")] == ["Pending", "Pending"]
 
 
 def test_fail_no_retry_then_requeue(cluster: Cluster, namespace: str) -> None:
@@ -242,6 +284,43 @@ def test_agent_run_turns_a_script_into_an_agent(cluster: Cluster, namespace: str
         out = stop_agent(proc)
     assert proc.returncode == 0, out
     assert "[good] working on good attempt 1" in out
+    # One line per order says how its attempt ended (issue 17), not just the start-up line.
+    lines = out.splitlines()
+    for name in ("good", "flaky", "broken"):
+        assert f"{namespace}/{name} attempt 1: claimed" in lines, out
+    assert any(re.fullmatch(rf"{namespace}/good attempt 1: completed in \d+\.\ds", line) for line in lines), out
+    assert any(re.fullmatch(rf"{namespace}/flaky attempt 1: failed \(retryable: exit 75\) in \d+\.\ds; "
+                            r"retry 1 of 3 after \d\d:\d\d:\d\d", line) for line in lines), out  # fmt: skip
+    assert any(re.fullmatch(rf"{namespace}/broken attempt 1: failed \(final: exit 3\) in \d+\.\ds", line)
+               for line in lines), out  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["missing", "not-executable"])
+def test_agent_run_refuses_a_command_it_cannot_run_and_claims_nothing(
+    cluster: Cluster, namespace: str, tmp_path: Path, mode: str
+) -> None:
+    create_order(cluster.api, namespace, "waiting", workType="script")
+    script = tmp_path / "wrok.sh"
+    if mode == "not-executable":
+        script.write_text("#!/bin/sh\nexit 0\n")
+    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
+    result = subprocess.run(
+        ["kubectl", "workorder", "agent", "run", "-n", namespace, "--type", "script", "--", str(script)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 11, result
+    said = {
+        "missing": f"error: command '{script}' not found; nothing was claimed",
+        "not-executable": f"error: command '{script}' is not executable (chmod +x {script}); nothing was claimed",
+    }
+    assert result.stderr.strip() == said[mode]
+    bare = subprocess.run(["kubectl", "workorder", "agent", "run", "-n", namespace, "--", "no-such-tool-xyz"],
+                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert (bare.returncode, bare.stderr.strip()) == (
+        11,
+        "error: command 'no-such-tool-xyz' not found on PATH; nothing was claimed",
+    )
+    assert Agent(cluster.api, AGENT_ID).read(namespace, "waiting").status.phase == "Pending"
 
 
 def test_agent_run_sigterm_releases_in_flight_orders(cluster: Cluster, namespace: str, tmp_path: Path) -> None:

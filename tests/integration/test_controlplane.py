@@ -130,7 +130,13 @@ def test_our_crd_has_a_status_subresource_with_defaults(cluster: Cluster, namesp
     body["status"] = {"phase": "Completed"}
     created = api.create_namespaced_custom_object(G, V, namespace, P, body)
     # The status sent with a create is dropped; what reads back is the CRD's default.
-    assert created["status"] == {"phase": "Pending", "attempt": 0, "retryCount": 0, "observedGeneration": 0}
+    assert created["status"] == {
+        "phase": "Pending",
+        "reason": "Pending",
+        "attempt": 0,
+        "retryCount": 0,
+        "observedGeneration": 0,
+    }
     patched = api.patch_namespaced_custom_object_status(
         G, V, namespace, P, "a",
         [{"op": "add", "path": "/status", "value": {"phase": "Claimed"}},

@@ -36,7 +36,13 @@ def test_new_order_is_pending_at_once_and_initialised_by_operator(
 ) -> None:
     created = create_order(cluster.api, namespace, "init")
     # CRD defaults: claimable the moment it exists, before the operator has looked at it.
-    assert created["status"] == {"phase": "Pending", "attempt": 0, "retryCount": 0, "observedGeneration": 0}
+    assert created["status"] == {
+        "phase": "Pending",
+        "reason": "Pending",
+        "attempt": 0,
+        "retryCount": 0,
+        "observedGeneration": 0,
+    }
     a = agent(cluster)
     order = wait_for(lambda: (o := a.read(namespace, "init")).raw_status.get("conditions") and o)
     assert condition(order, "Succeeded")["status"] == "Unknown"
@@ -208,11 +214,15 @@ def kubectl(cluster: Cluster, *args: str) -> str:
 
 
 def test_printer_columns_and_kubectl_wait(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    # REASON from the first read of a new order, before the operator or any agent has written anything.
+    create_order(cluster.api, namespace, "newborn")
+    first = kubectl(cluster, "get", "wo", "newborn", "-n", namespace, "-o", "wide").splitlines()
+    assert first[1][first[0].index("REASON") :].split() == ["Pending"], first  # the last column
     create_order(cluster.api, namespace, "shown", backoffSeconds=600)
     a = agent(cluster)
     a.fail(a.claim(a.read(namespace, "shown")), "flaky")
     table = kubectl(cluster, "get", "wo", "-n", namespace)
-    header, row = table.splitlines()[:2]
+    header, row = table.splitlines()[0], next(r for r in table.splitlines() if r.startswith("shown"))
     assert header.split() == ["NAME", "TYPE", "PHASE", "CLAIMED-BY", "RETRIES", "AGE"]
     assert row.split()[:3] == ["shown", "test", "RetryPending"]
     wide = kubectl(cluster, "get", "workorders", "-n", namespace, "-o", "wide")
@@ -313,3 +323,51 @@ def test_status_timestamps_are_rfc3339_with_subseconds(cluster: Cluster, namespa
     stamp = order.raw_status["claimedAt"]
     assert stamp.endswith("Z") and "." in stamp
     assert parse_time(stamp).tzinfo is not None
+
+
+def test_kubectl_events_tell_the_whole_story_of_an_order(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    """Issue 17: claimed by whom, failed (retryable, with the error), retry due, claimed again,
+    completed; and a refused order says why. Read with a real `kubectl events --for`."""
+    from workorder_operator.agent import Agent as SdkAgent
+
+    def told(name: str, count: int) -> list[str] | None:
+        out = kubectl(cluster, "events", "-n", namespace, "--for", f"workorder/{name}", "-o", "json")
+        items = json.loads(out)["items"] if out.strip().startswith("{") else []  # else "No events found."
+        lines = [f"{e['type']} {e['reason']}: {e['message']}" for e in items]
+        return lines if len(lines) >= count else None
+
+    # Transitions made while no operator leads are in the status history, not in events: first
+    # make sure this one leads and watches (its Reject of an order it will not run proves both).
+    create_order(cluster.api, namespace, "refused", workType="build", yamlContent="kind: ConfigMap\n")
+    # Refused at initialisation ("rejected: ...") or, when the build agent claimed it first, by the
+    # build agent ("build refused: ..."): either way a Reject with the reason.
+    wait_for(
+        lambda: any(s.startswith("Warning Reject: ") and "kind ConfigMap" in s for s in told("refused", 1) or []),
+        timeout=30,
+        what="a Reject event on wo/refused",
+    )
+
+    create_order(cluster.api, namespace, "story", backoffSeconds=1)
+    sdk = SdkAgent(cluster.api, str(uuid.uuid4()), namespace=namespace)
+    first = sdk.claim(WorkOrder.from_body(sdk.orders.get(namespace, "story")))
+    assert first is not None
+    first.fail("disk full")
+    second = wait_for(lambda: sdk.claim_next(), timeout=15, what="the retry to fall due")
+    second.complete("sha256:abc")
+
+    story = wait_for(lambda: told("story", 5), timeout=15, what="five events on wo/story")
+    user = sdk.user
+    assert any(s.startswith("Normal Claim: attempt 1 claimed by agent " + sdk.id + f" (user {user})") for s in story)
+    assert any(
+        s.startswith("Warning Fail: attempt 1 of agent") and "retryable" in s and "disk full" in s for s in story
+    )
+    assert any(s.startswith("Normal Due: retry 1 of 3 due") for s in story)
+    assert any(s.startswith("Normal Claim: attempt 2 claimed by agent " + sdk.id) for s in story)
+    assert any(s == f"Normal Complete: attempt 2 completed by agent {sdk.id}: result sha256:abc" for s in story)
+    assert len(story) == 5, story  # once each: no replica, no echo of our own write posts twice
+    # Log lines name their logger in full (kopf's format cut it to 20 characters: workorder_operator.e).
+    assert "] workorder_operator.engine [INFO    ]" in operator.log(), operator.log()[-2000:]
+    # The plain table a person reads says the same.
+    assert "attempt 2 completed" in kubectl(cluster, "events", "-n", namespace, "--for", "wo/story")

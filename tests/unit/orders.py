@@ -23,7 +23,13 @@ AGENT_B = "9c1f2e3d-4b5a-4697-8877-665544332211"
 YAML = "apiVersion: shipwright.io/v1beta1\nkind: Build\nmetadata:\n  name: app\n"
 
 # What the API server stores for a new order before anyone writes its status (CRD defaults).
-CRD_DEFAULT_STATUS: dict[str, Any] = {"phase": "Pending", "attempt": 0, "retryCount": 0, "observedGeneration": 0}
+CRD_DEFAULT_STATUS: dict[str, Any] = {
+    "phase": "Pending",
+    "reason": "Pending",
+    "attempt": 0,
+    "retryCount": 0,
+    "observedGeneration": 0,
+}
 
 
 def order_body(

@@ -344,3 +344,52 @@ def test_the_engine_writes_conditions_for_a_completion_by_a_minimal_agent_once()
         assert h.events() == []
 
     run(test)
+
+
+# --- issue 17, item 7: every transition leaves an Event, whoever made it -------------------------
+
+
+def test_the_leader_tells_the_story_of_agents_transitions_once_and_a_follower_stays_quiet() -> None:
+    async def test() -> None:
+        h = Harness([initialised(body(1))])
+        h.engine.lead()
+        b = h.store.change(
+            store(h.store.bodies[("team-a", "wo-1")], lc.claim(read(h.store.bodies[("team-a", "wo-1")]), A, NOW))
+        )
+        h.engine.observe("MODIFIED", b)
+        h.engine.observe("MODIFIED", b)  # the same version again (our own write's answer, then the watch)
+        failed = h.store.change(store(b, lc.fail(read(b), AGENT_A, 1, "disk full", NOW)))
+        h.engine.observe("MODIFIED", failed)
+        # A minimal agent: only the transition's fields, no history, no conditions.
+        again = store(failed, lc.due(read(failed), NOW + dt.timedelta(seconds=121)))
+        h.engine.observe("MODIFIED", h.store.change(again))
+        taken = store(again, lc.claim(read(again), A, NOW))
+        minimal = dict(taken, status=dict(taken["status"], phase="Completed", result="sha256:1"))
+        h.engine.observe("MODIFIED", h.store.change(minimal))
+        await h.engine.follow()
+        h.engine.observe("MODIFIED", h.store.change(dict(minimal, status=dict(minimal["status"], phase="Failed"))))
+        told = [(r, m) for _, r, m in h.events()]
+        assert [r for r, _ in told] == ["Claim", "Fail", "Due", "Claim", "Complete"], told
+        assert f"attempt 1 claimed by agent {AGENT_A}" in told[0][1]
+        assert "failed (retryable: retry 1 of 3 after" in told[1][1] and "disk full" in told[1][1]
+        assert told[4][1] == f"attempt 2 completed by agent {AGENT_A}: result sha256:1"
+
+    run(test)
+
+
+def test_a_burst_of_transitions_costs_a_bounded_number_of_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bucket's clock stands still: the burst happens "at once", however loaded the machine.
+    monkeypatch.setattr("workorder_operator.engine.time.monotonic", lambda: 1000.0)
+
+    async def test() -> None:
+        bodies = [initialised(body(i)) for i in range(400)]
+        h = Harness(bodies)
+        h.engine.lead()
+        for b in bodies:
+            h.engine.observe("MODIFIED", h.store.change(store(b, lc.claim(read(b), A, NOW))))
+        posted = len(h.events())
+        await h.engine.follow()
+        # 400 claims at once: the burst allowance of 50 events, the rest counted as dropped.
+        assert posted == 50, posted
+
+    run(test)

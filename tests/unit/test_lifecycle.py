@@ -751,9 +751,11 @@ def test_the_operator_writes_conditions_for_a_phase_a_minimal_agent_wrote(
     after = store(body, write)
     assert conditions(after["status"])["Succeeded"]["status"] == succeeded
     assert conditions(after["status"])["Succeeded"]["reason"] == reason
-    # Only conditions and observedGeneration change: the agent's fields stay as written.
-    assert {k: v for k, v in after["status"].items() if k not in ("conditions", "observedGeneration")} == {
-        k: v for k, v in body["status"].items() if k not in ("conditions", "observedGeneration")
+    assert after["status"]["reason"] == reason  # the REASON column follows
+    # Only conditions, reason and observedGeneration change: the agent's fields stay as written.
+    ours = ("conditions", "observedGeneration", "reason")
+    assert {k: v for k, v in after["status"].items() if k not in ours} == {
+        k: v for k, v in body["status"].items() if k not in ours
     }
     assert lc.conditions_true(read(after))
     with pytest.raises(TransitionError):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
 from tests.unit.orders import AGENT_A, AGENT_B, make_order
+from workorder_operator.agent import Agent
+from workorder_operator.buildagent import DEFAULT_AGENT_ID
 from workorder_operator.model import Targeting
-from workorder_operator.targeting import AgentIdentity, admits
+from workorder_operator.targeting import AgentIdentity, admits, check_agent_id
 
 
 def targeting(**fields: Any) -> Targeting:
@@ -74,3 +77,34 @@ def test_any_one_criterion_admits_or_semantics() -> None:
 def test_one_matching_annotation_of_several_admits() -> None:
     t = targeting(annotations={"zone": "us-2", "tier": "gold"})
     assert admits(t, GPU)
+
+
+# --- issue 17: agent ids are UUIDs wherever they are accepted ------------------------------------
+
+
+@pytest.mark.parametrize("good", ["6f1c2a4e-8d3b-4f7a-9e21-5c0b7d9a1e34", "6F1C2A4E-8D3B-4F7A-9E21-5C0B7D9A1E34",
+                                  "6f1c2a4e8d3b4f7a9e215c0b7d9a1e34"])  # fmt: skip
+def test_an_agent_id_is_what_the_api_servers_uuid_format_accepts(good: str) -> None:
+    assert check_agent_id(good) == good
+
+
+BAD_IDS = ["notauuid", "", "6f1c2a4e-8d3b-4f7a-9e21-5c0b7d9a1e34-abcdefghij", "{6f1c2a4e-8d3b-4f7a-9e21-5c0b7d9a1e34}",
+           "6f1c2a4e-8d3b-4f7a-9e21-5c0b7d9a1e3g"]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_anything_else_is_refused_naming_the_field(bad: str) -> None:
+    with pytest.raises(ValueError, match=f"^--id {re.escape(repr(bad))} is not a UUID"):
+        check_agent_id(bad, "--id")
+
+
+def test_the_sdk_and_the_operator_refuse_a_non_uuid_agent_id() -> None:
+    with pytest.raises(ValueError, match=r"^Agent id 'build-bot' is not a UUID"):
+        Agent(None, "build-bot")  # type: ignore[arg-type]
+    assert Agent(None).id  # type: ignore[arg-type]  # none given: a new UUID
+    from workorder_operator import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main.parse_args(["--build-agent-id", "build-bot"])
+    assert exit_.value.code == 2
+    assert main.parse_args([]).build_agent_id == DEFAULT_AGENT_ID
