@@ -194,6 +194,10 @@ class BuildAgent:
             except ApiException as exc:
                 if exc.status in (429, 500, 502, 503, 504) and "typed" not in (exc.body or ""):
                     raise  # the API server is busy or away: a retryable failure
+                if exc.status == 404:
+                    # The Build resource itself is not served (yet): Shipwright's CRDs were just
+                    # (re)installed or removed. Discovery said it was there, so try again later.
+                    raise Failure(f"the Build API is not served yet: {explain(exc)}", retryable=True) from None
                 # Refused for what it is (invalid for the Build schema, forbidden...): no retry helps.
                 raise self._refused(
                     order, f"Build {doc['metadata']['name']!r} refused by the API server: {explain(exc)}"
