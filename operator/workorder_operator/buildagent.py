@@ -120,7 +120,11 @@ class BuildExecutor:
                 self.shipwright.apply_build(order, doc)
             except NotOurs as exc:
                 raise self._refused(order, f"{BUILD_NAME_TAKEN}: {exc}") from None
-            except (Refused, NotFound, Conflict) as exc:
+            except NotFound as exc:
+                # The Build resource itself is not served (yet): Shipwright's CRDs were just
+                # (re)installed or removed. Discovery said it was there, so try again later.
+                raise Failure(f"the Build API is not served yet: {exc}", retryable=True) from None
+            except (Refused, Conflict) as exc:
                 # Refused for what it is (invalid for the Build schema, forbidden...): no retry helps.
                 # (Transient errors pass: the API server is busy or away, a retryable failure.)
                 raise self._refused(
