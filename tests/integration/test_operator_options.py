@@ -171,7 +171,9 @@ def test_events_are_rate_limited_and_the_dropped_ones_counted(
     for w in workers:
         w.join(120)
     port = free_port()
-    start(f"--metrics-port={port}")
+    # Only this namespace: orders other tests leave elsewhere in the shared cluster must not spend
+    # the event budget or count as dropped here.
+    start(f"--metrics-port={port}", scope=("--namespace", namespace))
     core = client.CoreV1Api(cluster.api)
 
     def expired() -> int:
@@ -179,14 +181,17 @@ def test_events_are_rate_limited_and_the_dropped_ones_counted(
         return int(sample(text, "workorder_expirations_total", type="events"))
 
     wait_for(lambda: expired() == total, timeout=120, interval=0.5, what=f"all {total} expiries")
-    dropped = sample(scrape(port)[1], "workorder_events_dropped_total")
 
     def posted() -> int:
         return sum(e.reason == "Expire" for e in core.list_namespaced_event(namespace).items)
 
-    # Every expiry either posted its event or counted it as dropped (events post in the background).
-    wait_for(lambda: posted() + dropped == total, timeout=30, what="posted + dropped == expiries")
-    assert dropped >= 1
+    def dropped() -> int:
+        return int(sample(scrape(port)[1], "workorder_events_dropped_total"))
+
+    # Every expiry either posted its event or counted it as dropped. Events are posted in the
+    # background by one thread (in order), one API call each: on a loaded machine that takes a while.
+    wait_for(lambda: posted() + dropped() == total, timeout=120, interval=0.5, what="posted + dropped == expiries")
+    assert dropped() >= 1
     assert posted() >= EVENT_BURST
 
 

@@ -58,17 +58,6 @@ def env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def readme_operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces",
-                           f"--leader-election-namespace={namespace}")  # fmt: skip
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
 def default_namespace_clean(cluster: Cluster) -> Iterator[None]:
     """The README works in the `default` namespace: leave no order of ours there."""
     yield
@@ -81,7 +70,7 @@ def bash(script: str, cwd: Path, env: dict[str, str], timeout: float = 180) -> s
 
 
 def test_usage_runs_as_written(
-    cluster: Cluster, readme_operator: OperatorProcess, env: dict[str, str], tmp_path: Path,
+    cluster: Cluster, operator: OperatorProcess, env: dict[str, str], tmp_path: Path,
     default_namespace_clean: None,
 ) -> None:  # fmt: skip
     out = bash(played(sh_block(REPO / "README.md", "## Usage")), tmp_path, env)
@@ -93,7 +82,7 @@ def test_usage_runs_as_written(
 
 
 def test_turn_a_script_into_an_agent_as_written(
-    cluster: Cluster, readme_operator: OperatorProcess, env: dict[str, str], tmp_path: Path,
+    cluster: Cluster, operator: OperatorProcess, env: dict[str, str], tmp_path: Path,
     default_namespace_clean: None,
 ) -> None:  # fmt: skip
     lines = [line for line in sh_block(REPO / "README.md", "### Turn a script into an agent").splitlines() if line]
@@ -116,7 +105,7 @@ def test_turn_a_script_into_an_agent_as_written(
 
 
 def test_the_kubectl_only_agent_of_the_contract_as_written(
-    cluster: Cluster, readme_operator: OperatorProcess, env: dict[str, str], tmp_path: Path,
+    cluster: Cluster, operator: OperatorProcess, env: dict[str, str], tmp_path: Path,
     default_namespace_clean: None,
 ) -> None:  # fmt: skip
     kubectl(cluster.kubeconfig, "apply", "-n", "default", "-f", "-", stdin=(
