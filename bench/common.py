@@ -141,15 +141,18 @@ def control_plane(name: str) -> Iterator[Cluster]:
 class Operator:
     """The operator as a subprocess (single replica, all namespaces, no build agent, /metrics on)."""
 
-    def __init__(self, cluster: Cluster, name: str, concurrency: int | None = None) -> None:
+    def __init__(
+        self, cluster: Cluster, name: str, concurrency: int | None = None, namespaces: Sequence[str] = ()
+    ) -> None:
         self.cluster = cluster
         self.name = name
         self.port = envtest.free_port()
         self.log_path = cluster.directory / "operator.log"
         args = [
             sys.executable, "-m", "workorder_operator.main", "--kubeconfig", cluster.kubeconfig,
-            "--all-namespaces", "--no-leader-election", "--no-build-agent", "--metrics-port", str(self.port),
+            "--no-leader-election", "--no-build-agent", "--metrics-port", str(self.port),
         ]  # fmt: skip
+        args += [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
         if concurrency is not None:
             args += ["--concurrency", str(concurrency)]
         with open(self.log_path, "wb") as out:
@@ -201,8 +204,11 @@ class Operator:
 
 
 @contextlib.contextmanager
-def operator(cluster: Cluster, name: str, *, wait: bool = True, concurrency: int | None = None) -> Iterator[Operator]:
-    op = Operator(cluster, name, concurrency)
+def operator(
+    cluster: Cluster, name: str, *, wait: bool = True, concurrency: int | None = None, namespaces: Sequence[str] = ()
+) -> Iterator[Operator]:
+    """`namespaces`: the ones it watches (empty: all)."""
+    op = Operator(cluster, name, concurrency, namespaces)
     try:
         if wait:
             op.wait_ready()
@@ -212,7 +218,7 @@ def operator(cluster: Cluster, name: str, *, wait: bool = True, concurrency: int
 
 
 class Metrics:
-    """One scrape of the operator's /metrics."""
+    """One scrape of a /metrics page (the operator's, or the API server's: `apiserver_metrics`)."""
 
     def __init__(self, text: str) -> None:
         self.samples: list[tuple[str, dict[str, str], float]] = [
@@ -224,6 +230,28 @@ class Metrics:
     def sum(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples whose labels include `labels`."""
         return sum(v for n, lab, v in self.samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+    def by(self, name: str, *keys: str) -> dict[tuple[str, ...], float]:
+        """A metric's samples summed by the values of the labels `keys`."""
+        out: dict[tuple[str, ...], float] = {}
+        for n, labels, v in self.samples:
+            if n == name:
+                key = tuple(labels.get(k, "") for k in keys)
+                out[key] = out.get(key, 0.0) + v
+        return out
+
+
+def apiserver_metrics(cluster: Cluster) -> Metrics:
+    """The API server's own /metrics (requests by verb and resource, watch events, its CPU)."""
+    resp = cluster.api.rest_client.request("GET", f"{cluster.api.configuration.host}/metrics", _request_timeout=(5, 60))
+    resp.read()
+    return Metrics(resp.data.decode())
+
+
+def metric_delta(before: Metrics, after: Metrics, name: str, *keys: str) -> dict[tuple[str, ...], float]:
+    """How much each series of a counter grew between two scrapes (series that did not grow left out)."""
+    old = before.by(name, *keys)
+    return {k: v - old.get(k, 0.0) for k, v in after.by(name, *keys).items() if v - old.get(k, 0.0) > 0}
 
 
 # --- measuring ----------------------------------------------------------------------------------
