@@ -3,7 +3,7 @@
 This module is the claim protocol. Each transition takes an order as read and "now", checks
 that it is legal, and returns a `StatusWrite`: the guards (values the stored status must still
 hold, tested by the API server atomically with the write) and the complete new status. The
-adapter turns it into a JSON Patch (`test` ops + one `add /status`), so every status write,
+adapter turns it into a JSON Patch (`test` ops, then the fields that change), so every status write,
 agents' and the operator's alike, is a compare-and-swap. A failed guard means someone else
 moved first: re-read and decide again, never retry blindly.
 
@@ -12,8 +12,8 @@ Who guards what:
   of the same name (whose attempt may well be the same again);
 - agent transitions (claim, renew, complete, fail, release) test phase, attempt and claimedBy:
   the attempt is the fencing token, so a stale handle can never touch a re-claimed order;
-- operator transitions test the whole stored status: the operator never overwrites any write it
-  has not seen.
+- operator transitions test the resourceVersion they read: the operator never overwrites any
+  write it has not seen.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ class StatusWrite:
     status: dict[str, Any]
     # Why, for events and logs.
     message: str = ""
+    # The status as read, which `status` changes: the wire form sends only the fields that differ
+    # (None: no status was read; the whole status is set).
+    base: dict[str, Any] | None = None
 
 
 # --- conditions ---------------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def _write(
     transition: Transition, order: WorkOrder, guards: dict[str, Any], status: dict[str, Any], message: str = ""
 ) -> StatusWrite:
     """Every status write, agents' and the operator's, is fenced by the order's uid first."""
-    return StatusWrite(transition, {"/metadata/uid": order.uid, **guards}, status, message)
+    return StatusWrite(transition, {"/metadata/uid": order.uid, **guards}, status, message, order.raw_status)
 
 
 def _require_phase(order: WorkOrder, *phases: Phase) -> None:
@@ -175,11 +178,10 @@ def _holder_guards(order: WorkOrder, agent_id: str, attempt: int) -> dict[str, A
 
 
 def _unchanged(order: WorkOrder) -> dict[str, Any]:
-    """The operator's guard: nothing in the status changed since it was read (the resource
-    version when there is no status yet, since a JSON Patch cannot test for absence)."""
-    if not order.raw_status:
-        return {"/metadata/resourceVersion": order.resource_version}
-    return {"/status": order.raw_status}
+    """The operator's guard: the object is still the version it read. Any write since, by anyone,
+    moves the resourceVersion, so the operator never overwrites a write it has not seen; a test
+    of one short string, where testing the whole status it read sent that status twice."""
+    return {"/metadata/resourceVersion": order.resource_version}
 
 
 # --- agent transitions --------------------------------------------------------------------------

@@ -68,6 +68,15 @@ def with_status(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return {**body, "status": {k: v for k, v in status.items() if v is not None}}
 
 
+def written(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """Someone else's write: `with_status`, and the resource version moves on, as on a real server."""
+    after = with_status(body, **changes)
+    return {
+        **after,
+        "metadata": {**after["metadata"], "resourceVersion": str(int(body["metadata"]["resourceVersion"]) + 1)},
+    }
+
+
 CLAIM_FIELDS = ("claimedBy", "claimedAt", "renewedAt")
 
 
@@ -81,17 +90,17 @@ def test_a_new_order_with_only_crd_defaults_needs_initialising() -> None:
     assert not lc.needs_initialise(read(claimed()))
 
 
-def test_initialise_makes_it_pending_with_conditions_guarded_by_the_whole_status() -> None:
-    order = make_order(status=CRD_DEFAULT_STATUS)
+def test_initialise_makes_it_pending_with_conditions_guarded_by_the_resource_version() -> None:
+    order = make_order(status=CRD_DEFAULT_STATUS, resource_version="7")
     write = lc.initialise(order, T_INIT)
     assert write.transition == "initialise"
-    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": CRD_DEFAULT_STATUS}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/metadata/resourceVersion": "7"}
     s = write.status
     assert (s["phase"], s["attempt"], s["retryCount"]) == ("Pending", 0, 0)
     assert s["updatedAt"] == format_time(T_INIT)
     assert condition_states(s) == {"Succeeded": "Unknown", "Reconciling": "True", "Stalled": "False"}
     assert {c["lastTransitionTime"] for c in s["conditions"]} == {format_time(T_INIT)}
-    assert not lc.needs_initialise(read(store(order_body(), write)))
+    assert not lc.needs_initialise(read(store(order_body(status=CRD_DEFAULT_STATUS, resource_version="7"), write)))
 
 
 def test_initialise_without_any_status_is_guarded_by_the_resource_version() -> None:
@@ -121,9 +130,9 @@ def test_initialise_twice_is_refused() -> None:
 
 def test_rejected_content_fails_at_once_with_the_reason() -> None:
     reason = "document 2 is a Secret: only shipwright.io/v1beta1 Build objects are allowed"
-    write = lc.initialise(make_order(), T_INIT, rejection=reason)
+    write = lc.initialise(make_order(resource_version="8"), T_INIT, rejection=reason)
     assert write.transition == "reject"
-    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": CRD_DEFAULT_STATUS}
+    assert write.guards == {"/metadata/uid": ORDER_UID, "/metadata/resourceVersion": "8"}
     s = write.status
     assert s["phase"] == "Failed"
     assert (s["attempt"], s["retryCount"]) == (0, 0)
@@ -474,7 +483,10 @@ def test_expire_returns_the_order_keeping_retry_count_and_names_the_agent() -> N
     order = read(body)
     now = NOW + seconds(61)
     write = lc.expire(order, now)
-    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": body["status"]}
+    assert write.guards == {
+        "/metadata/uid": ORDER_UID,
+        "/metadata/resourceVersion": body["metadata"]["resourceVersion"],
+    }
     s = write.status
     assert s["phase"] == "Pending"
     assert s["retryCount"] == 2
@@ -490,6 +502,16 @@ def test_expire_never_overwrites_a_renewal_it_has_not_seen() -> None:
     body = claimed({"claimTimeoutSeconds": 60})
     seen = read(body)
     body = store(body, lc.renew(read(body), AGENT_A, 1, NOW + seconds(59)))
+    with pytest.raises(GuardFailed):
+        store(body, lc.expire(seen, NOW + seconds(60)))
+
+
+def test_an_operator_write_never_lands_on_a_version_it_has_not_seen_even_with_the_same_status() -> None:
+    """Someone wrote (and wrote back) in between: the status reads the same, the object is newer."""
+    body = claimed({"claimTimeoutSeconds": 60})
+    seen = read(body)
+    body = store(body, lc.renew(seen, AGENT_A, 1, NOW))
+    body = {**body, "status": seen.raw_status}
     with pytest.raises(GuardFailed):
         store(body, lc.expire(seen, NOW + seconds(60)))
 
@@ -515,7 +537,10 @@ def test_due_only_when_the_retry_time_has_come() -> None:
     with pytest.raises(TransitionError):
         lc.due(order, when - MICROSECOND)
     write = lc.due(order, when)
-    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": body["status"]}
+    assert write.guards == {
+        "/metadata/uid": ORDER_UID,
+        "/metadata/resourceVersion": body["metadata"]["resourceVersion"],
+    }
     s = write.status
     assert s["phase"] == "Pending"
     assert "nextRetryAfter" not in s
@@ -537,7 +562,10 @@ def test_requeue_puts_a_failed_order_back_with_retries_reset() -> None:
     body = failed()
     assert body["status"]["phase"] == "Failed"
     write = lc.requeue(read(body), NOW + seconds(5))
-    assert write.guards == {"/metadata/uid": ORDER_UID, "/status": body["status"]}
+    assert write.guards == {
+        "/metadata/uid": ORDER_UID,
+        "/metadata/resourceVersion": body["metadata"]["resourceVersion"],
+    }
     s = write.status
     assert s["phase"] == "Pending"
     assert s["retryCount"] == 0
@@ -658,28 +686,55 @@ def test_plan_ttl_does_not_apply_before_the_order_finishes() -> None:
 # --- the wire form ------------------------------------------------------------------------------
 
 
-def test_json_patch_tests_every_guard_first_then_sets_the_status() -> None:
-    write = lc.fail(read(claimed()), AGENT_A, 1, "boom", NOW)
-    ops = json_patch(write)
-    assert ops == [
+def test_json_patch_tests_every_guard_first_then_sets_only_the_fields_that_change() -> None:
+    body = claimed()
+    write = lc.fail(read(body), AGENT_A, 1, "boom", NOW + SECOND)
+    s = write.status
+    changed = {"phase", "reason", "retryCount", "updatedAt", "conditions", "nextRetryAfter", "lastError",
+               "lastErrorAt", "history"}  # fmt: skip
+    assert json_patch(write) == [
         {"op": "test", "path": "/metadata/uid", "value": ORDER_UID},
         {"op": "test", "path": "/status/phase", "value": "Claimed"},
         {"op": "test", "path": "/status/claimedBy", "value": AGENT_A},
         {"op": "test", "path": "/status/attempt", "value": 1},
         {"op": "test", "path": "/status/retryCount", "value": 0},
+        *({"op": "add", "path": f"/status/{k}", "value": s[k]} for k in s if k in changed),
+        {"op": "remove", "path": "/status/claimedBy"},
+        {"op": "remove", "path": "/status/claimedAt"},
+    ]
+    # What the server stores is the new status, exactly.
+    assert store(body, write)["status"] == s
+
+
+def test_json_patch_sets_the_whole_status_when_none_was_read() -> None:
+    write = lc.initialise(make_order(status={}, resource_version="42"), T_INIT)
+    assert json_patch(write) == [
+        {"op": "test", "path": "/metadata/uid", "value": ORDER_UID},
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "42"},
         {"op": "add", "path": "/status", "value": write.status},
     ]
 
 
-def test_json_patch_of_an_operator_write_tests_the_whole_status() -> None:
+def test_json_patch_escapes_keys_as_json_pointer_tokens() -> None:
+    write = lc.StatusWrite("t", {}, {"a/b": 1, "c~d": 2}, base={"x": 0, "a/b": 0})
+    assert json_patch(write) == [
+        {"op": "add", "path": "/status/a~1b", "value": 1},
+        {"op": "add", "path": "/status/c~0d", "value": 2},
+        {"op": "remove", "path": "/status/x"},
+    ]
+
+
+def test_json_patch_of_an_operator_write_tests_the_resource_version_it_read() -> None:
     body = retry_pending()
     write = lc.due(read(body), NOW + seconds(120))
-    ops = json_patch(write)
-    assert ops == [
+    s = write.status
+    assert json_patch(write) == [
         {"op": "test", "path": "/metadata/uid", "value": ORDER_UID},
-        {"op": "test", "path": "/status", "value": body["status"]},
-        {"op": "add", "path": "/status", "value": write.status},
+        {"op": "test", "path": "/metadata/resourceVersion", "value": body["metadata"]["resourceVersion"]},
+        *({"op": "add", "path": f"/status/{k}", "value": s[k]} for k in ("phase", "reason", "updatedAt", "conditions")),
+        {"op": "remove", "path": "/status/nextRetryAfter"},
     ]
+    assert store(body, write)["status"] == s
 
 
 # --- fencing by uid -----------------------------------------------------------------------------
@@ -781,7 +836,7 @@ def test_the_conditions_write_never_overwrites_an_agents_write_it_has_not_seen()
     body = minimal_agent(claimed(), phase="Completed", completedAt=format_time(NOW), result="r")
     write = lc.sync_conditions(read(body), NOW)
     with pytest.raises(GuardFailed):
-        store(with_status(body, result="changed"), write)
+        store(written(body, result="changed"), write)
 
 
 def test_a_waiting_reason_on_a_pending_order_is_kept() -> None:
@@ -973,7 +1028,7 @@ def test_refusals_say_what_the_order_is_and_what_it_should_be() -> None:
 def test_waiting_says_why_on_a_pending_order_and_leaves_it_claimable() -> None:
     body = pending()
     write = lc.waiting(read(body), "NoBuildAgent", "no build agent runs", NOW)
-    assert write.guards["/status"] == body["status"]
+    assert write.guards["/metadata/resourceVersion"] == body["metadata"]["resourceVersion"]
     s = write.status
     assert (s["phase"], s["attempt"], s["retryCount"]) == ("Pending", 0, 0)
     assert {c["reason"] for c in s["conditions"]} == {"NoBuildAgent"}
