@@ -6,7 +6,7 @@
    then each one's clock (the claim, or the failure) is started at the planned moment that puts
    its deadline at a spread-out fraction of the same target second.
 3. reference: the same number of plain status compare-and-swaps (the shape of the operator's
-              expire write: test the whole status, then set it; Claimed -> Pending) issued all at
+              expire write: test uid and resourceVersion, then set the status; Claimed -> Pending) issued all at
               once by one client with the operator's concurrency (32 threads). What the API server
               can do with such a burst: compare the lateness of 1 and 2 with it.
 
@@ -172,9 +172,10 @@ def reference(cluster: Cluster, op: Operator, namespace: str, n: int) -> dict[st
 
     def write(i: int) -> None:
         order = claimed[i]
-        # The operator's write shape: guard the whole status it read, then set the new status.
+        # The operator's write shape: guard the uid and the resourceVersion it read, then set the status.
         new = lifecycle.release(order, AGENT.id, order.status.attempt, utcnow(), "reference").status
-        writer.write_status(order, lifecycle.StatusWrite("reference", {"/status": order.raw_status}, new))
+        guards = {"/metadata/uid": order.uid, "/metadata/resourceVersion": order.resource_version}
+        writer.write_status(order, lifecycle.StatusWrite("reference", guards, new))
         done[order.name] = time.time()
 
     try:

@@ -186,30 +186,13 @@ def kubeconfig_namespace(kubeconfig: str | None = None, context: str | None = No
 
 
 def json_patch(write: StatusWrite) -> list[dict[str, Any]]:
-    """The wire form of a status write: `test` every guard, then set the status.
+    """The wire form of a status write: `test` every guard, then set the whole status.
 
-    Only the top-level fields that differ from the status the write was made from are sent (the
-    conditions and history as a whole when they change), so a claim does not resend its history;
-    with no status read, the whole status is set. The API server applies the patch to the latest
-    stored object inside its own optimistic update loop, so tests and write are one atomic step;
-    a field to remove that someone else already removed fails the patch like a failed test."""
+    The API server applies the patch to the latest stored object inside its own optimistic
+    update loop, so tests and write are one atomic step."""
     ops: list[dict[str, Any]] = [{"op": "test", "path": p, "value": v} for p, v in write.guards.items()]
-    if not write.base:
-        ops.append({"op": "add", "path": "/status", "value": write.status})
-        return ops
-    base = write.base
-    ops += [
-        {"op": "add", "path": f"/status/{_pointer(k)}", "value": v}
-        for k, v in write.status.items()
-        if k not in base or base[k] != v
-    ]
-    ops += [{"op": "remove", "path": f"/status/{_pointer(k)}"} for k in base if k not in write.status]
+    ops.append({"op": "add", "path": "/status", "value": write.status})
     return ops
-
-
-def _pointer(key: str) -> str:
-    """A key as one JSON Pointer token (RFC 6901)."""
-    return key.replace("~", "~0").replace("/", "~1")
 
 
 def explain(exc: ApiException) -> str:

@@ -3,7 +3,7 @@
 This module is the claim protocol. Each transition takes an order as read and "now", checks
 that it is legal, and returns a `StatusWrite`: the guards (values the stored status must still
 hold, tested by the API server atomically with the write) and the complete new status. The
-adapter turns it into a JSON Patch (`test` ops, then the fields that change), so every status write,
+adapter turns it into a JSON Patch (`test` ops + one `add /status`), so every status write,
 agents' and the operator's alike, is a compare-and-swap. A failed guard means someone else
 moved first: re-read and decide again, never retry blindly.
 
@@ -51,9 +51,6 @@ class StatusWrite:
     status: dict[str, Any]
     # Why, for events and logs.
     message: str = ""
-    # The status as read, which `status` changes: the wire form sends only the fields that differ
-    # (None: no status was read; the whole status is set).
-    base: dict[str, Any] | None = None
 
 
 # --- conditions ---------------------------------------------------------------------------------
@@ -157,7 +154,7 @@ def _write(
     transition: Transition, order: WorkOrder, guards: dict[str, Any], status: dict[str, Any], message: str = ""
 ) -> StatusWrite:
     """Every status write, agents' and the operator's, is fenced by the order's uid first."""
-    return StatusWrite(transition, {"/metadata/uid": order.uid, **guards}, status, message, order.raw_status)
+    return StatusWrite(transition, {"/metadata/uid": order.uid, **guards}, status, message)
 
 
 def _require_phase(order: WorkOrder, *phases: Phase) -> None:
