@@ -1,6 +1,6 @@
 """Run the benchmarks in sequence (each on its own local control plane) and summarise them.
 
-    python bench/run.py                 # all four, full sizes (what `make bench` runs)
+    python bench/run.py                 # all five, full sizes (what `make bench` runs)
     python bench/run.py --quick         # small sizes: a smoke run of a few minutes
     python bench/run.py --only scale    # one of them (repeatable)
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import contention
 import deadlines
+import guards
 import scale
 import throughput
 from common import RESULTS, fmt, handle_sigterm, log, machine, table
@@ -31,6 +32,7 @@ BENCHMARKS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "deadlines": deadlines.run,
     "scale": scale.run,
     "contention": contention.run,
+    "guards": guards.run,
 }
 
 
