@@ -15,11 +15,18 @@ or nextRetryAfter) to the moment the benchmark's own watch sees the order Pendin
 the operator's write and the watch delivery, not just its decision. For the reference, the
 "deadline" is the moment the burst starts. Target: p99 <= 0.5 s.
 
-Usage: python bench/deadlines.py [--quick]
+With --low-load, instead: precision when the server is not the limit. 100 claim expiries and 100
+due retries spread over 100 s (--quick: 20 over 20 s), and at the same time one idle SDK agent
+process picking up 100 orders created one by one over the same 100 s: p99 lateness (target
+<= 0.1 s) and pickup latency, create sent -> our watch sees it Claimed (targets p50 <= 0.05 s,
+p99 <= 0.2 s). Results in deadlines-lowload.json/png.
+
+Usage: python bench/deadlines.py [--quick] [--low-load]
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import math
 import sys
@@ -35,11 +42,12 @@ from common import (
     Headline,
     Operator,
     PhaseWatch,
+    bench_order,
     cas,
     control_plane,
     create_order,
+    handle_sigterm,
     log,
-    main_of,
     new_figure,
     operator,
     run_all,
@@ -48,6 +56,7 @@ from common import (
     thread_pool,
     write_results,
 )
+from throughput import start_agents, stop_agents, watches
 
 from workorder_operator import lifecycle
 from workorder_operator.kube import WorkOrders
@@ -55,7 +64,10 @@ from workorder_operator.model import WorkOrder, utcnow
 from workorder_operator.targeting import AgentIdentity
 
 NAME = "deadlines"
+LOW_LOAD = "deadlines-lowload"
 TARGET_P99 = 0.5
+LOW_LOAD_P99 = 0.1
+PICKUP_P50, PICKUP_P99 = 0.05, 0.2
 OPERATOR_CONCURRENCY = 32  # the operator's default --concurrency
 PREPARE_THREADS = 16
 AGENT = AgentIdentity(str(uuid.uuid4()))
@@ -104,9 +116,9 @@ EXPIRY = Kind(_expiry_setup, _expiry_arm)
 DUE = Kind(_due_setup, _due_arm)
 
 
-def burst(cluster: Cluster, op: Operator, namespace: str, n: int, kind: Kind) -> dict[str, Any]:
-    """Prepare n orders whose deadlines fall within one second and measure how late our watch
-    sees each of them Pending."""
+def burst(cluster: Cluster, op: Operator, namespace: str, n: int, kind: Kind, spread: float = 1.0) -> dict[str, Any]:
+    """Prepare n orders whose deadlines fall within one second (`spread`: that many seconds) and
+    measure how late our watch sees each of them Pending."""
     orders = WorkOrders(cluster.client(pool=PREPARE_THREADS), "bench-agent")
     window = max(2, math.ceil(n / ARM_PER_SECOND))
     seconds = [MIN_SECONDS + i * window // n for i in range(n)]
@@ -114,7 +126,7 @@ def burst(cluster: Cluster, op: Operator, namespace: str, n: int, kind: Kind) ->
         prepared = run_all(pool, lambda i: kind.setup(orders, namespace, f"o-{i}", seconds[i]), n)
     target = math.ceil(time.time() + 1) + max(seconds)
     # Fractions of the target second, spread evenly and independent of the timeout.
-    plan = sorted((target + (i * 7919 % n) / n - seconds[i], i) for i in range(n))
+    plan = sorted((target + (i * 7919 % n) / n * spread - seconds[i], i) for i in range(n))
     queue = iter(plan)
     pending = PhaseWatch(cluster.api, namespace, "Pending", names=[])
     deadlines: dict[str, dt.datetime] = {}
@@ -135,7 +147,7 @@ def burst(cluster: Cluster, op: Operator, namespace: str, n: int, kind: Kind) ->
             cpu = CpuMeter(cluster, op)  # from a second before the target to the last order seen Pending
             for future in arming:
                 future.result()
-        pending.wait(n, timeout=max(0.0, target + 1 - time.time()) + 60, on_progress=op.check_alive)
+        pending.wait(n, timeout=max(0.0, target + spread - time.time()) + 60, on_progress=op.check_alive)
         cores = cpu.stop()
     finally:
         pending.stop()
@@ -241,6 +253,83 @@ def run(quick: bool) -> dict[str, Any]:
     return write_results(NAME, quick, data, headlines, chart(expiry, due, ref, n))
 
 
+def pickup(cluster: Cluster, namespace: str, n: int, spread: float) -> dict[str, Any]:
+    """One idle SDK agent process; n orders created one by one over `spread` seconds: how long from
+    sending the create until our watch sees the order Claimed."""
+    open_before = watches(cluster)
+    agents = start_agents(cluster, 1, namespace)
+    claimed = PhaseWatch(cluster.api, namespace, "Claimed")
+    created_at: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while watches(cluster) < open_before + 2:  # the agent's watch and ours
+            if time.monotonic() > deadline or agents[0][0].poll() is not None:
+                raise RuntimeError(f"pickup: the agent did not start watching; log in {cluster.directory}")
+            time.sleep(0.2)
+        creator = WorkOrders(cluster.client(pool=1), "bench")
+        started = time.time()
+        for i in range(n):
+            time.sleep(max(0.0, started + i * spread / n - time.time()))
+            name = f"p-{i}"
+            created_at[name] = time.time()
+            creator.create(bench_order(name), namespace)
+        if not claimed.wait(n, timeout=60):
+            raise RuntimeError(f"pickup: only {claimed.count()} of {n} orders seen Claimed")
+    finally:
+        claimed.stop()
+        stop_agents(agents)
+    latency = [claimed.seen[k] - t for k, t in created_at.items()]
+    return {"pickup_s": summary(latency), "pickup_values": sorted(latency)}
+
+
+def run_low_load(quick: bool) -> dict[str, Any]:
+    """Precision when the server is not the limit: n expiries, n due retries and n pickups spread
+    over `spread` seconds, all three at once (about 3 writes a second)."""
+    n, spread = (20, 20.0) if quick else (100, 100.0)
+    with control_plane(LOW_LOAD) as cluster, operator(cluster, LOW_LOAD) as op:
+        for ns in ("expiry", "due", "pickup"):
+            cluster.namespace(ns)
+        log(f"low load: {n} expiries, {n} due retries and {n} pickups, each spread over {spread:.0f}s ...")
+        with thread_pool(3, "low-load") as pool:
+            expiry_f = pool.submit(burst, cluster, op, "expiry", n, EXPIRY, spread)
+            due_f = pool.submit(burst, cluster, op, "due", n, DUE, spread)
+            pick_f = pool.submit(pickup, cluster, "pickup", n, spread)
+            expiry, due, pick = expiry_f.result(), due_f.result(), pick_f.result()
+    rows = [("expiry", expiry["lateness_s"]), ("due", due["lateness_s"]), ("pickup", pick["pickup_s"])]
+    table(
+        f"low load: {n} of each over {spread:.0f}s (s)",
+        ["figure", "n", "p50", "p90", "p99", "max"],
+        [[k, r["n"], *(r[p] for p in ("p50", "p90", "p99", "max"))] for k, r in rows],
+    )
+    headlines = []
+    for key, r in (("expiry", expiry), ("due", due)):
+        p99 = r["lateness_s"]["p99"]
+        headlines.append(
+            Headline(f"low load: {key} lateness p99", p99, "s", f"<= {LOW_LOAD_P99} s",
+                     p99 <= LOW_LOAD_P99 and r["missed"] == 0)
+        )  # fmt: skip
+    p50, p99 = pick["pickup_s"]["p50"], pick["pickup_s"]["p99"]
+    headlines += [
+        Headline("low load: pickup (create -> Claimed) p50", p50, "s", f"<= {PICKUP_P50} s", p50 <= PICKUP_P50),
+        Headline("low load: pickup (create -> Claimed) p99", p99, "s", f"<= {PICKUP_P99} s", p99 <= PICKUP_P99),
+    ]
+    fig, (ax,) = new_figure(width=7)
+    for label, values, color in (
+        ("claims expiring", expiry["lateness_values"], "tab:blue"),
+        ("retries due", due["lateness_values"], "tab:orange"),
+        ("pickup: create -> Claimed", pick["pickup_values"], "tab:green"),
+    ):
+        if values:
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label, color=color)
+    ax.axhline(0.99, color="tab:red", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("seconds (lateness after the deadline; pickup after the create)")
+    ax.set_ylabel("share of orders")
+    ax.set_title(f"low load: {n} of each spread over {spread:.0f} s", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    data = {"orders": n, "spread_s": spread, "expiry": expiry, "due": due, "pickup": pick}
+    return write_results(LOW_LOAD, quick, data, headlines, fig)
+
+
 def cores_table(rows: list[tuple[str, dict[str, Any]]]) -> None:
     parts = ["operator", "kube-apiserver", "etcd", "bench", "machine"]
     table(
@@ -277,7 +366,20 @@ def chart(expiry: dict[str, Any], due: dict[str, Any], ref: dict[str, Any], n: i
 
 
 def main() -> int:
-    return main_of(run, __doc__.split("\n")[0], "100 deadlines per burst instead of 1,000")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100 deadlines per burst instead of 1,000")
+    parser.add_argument(
+        "--low-load", action="store_true",
+        help="instead: 100 expiries, 100 due retries and 100 pickups spread over 100 s (quick: 20 over 20 s)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    handle_sigterm()
+    try:
+        (run_low_load if args.low_load else run)(args.quick)
+    except KeyboardInterrupt:
+        print("interrupted: the control plane and the operator are stopped", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -221,13 +221,14 @@ def minimal(cluster: Cluster, op: Operator, n: int, k: int) -> dict[str, Any]:
 # --- ours: agents as processes, the operator watching -------------------------------------------
 
 
-def start_agents(cluster: Cluster, k: int) -> list[tuple[subprocess.Popen[bytes], Path]]:
+def start_agents(cluster: Cluster, k: int, namespace: str = QUEUE_NS) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """K agent processes (bench/bench_agent.py) taking orders in `namespace`."""
     agents = []
     for a in range(k):
         stats = cluster.directory / f"agent-k{k}-{a}.json"
         with open(cluster.directory / f"agent-k{k}-{a}.log", "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, str(AGENT), "--kubeconfig", cluster.kubeconfig, "--namespace", QUEUE_NS,
+                [sys.executable, str(AGENT), "--kubeconfig", cluster.kubeconfig, "--namespace", namespace,
                  "--stats", str(stats)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
