@@ -4,16 +4,19 @@ from the hub and builds them in its own cluster, with two real control planes in
 The hub is the session's control plane (the WorkOrder CRD, the operator with its built-in build
 agent, labelled `shipwright`). The spoke is a second control plane started for this module only
 (always stopped) with Shipwright's real controller; tests/tekton.py plays Tekton's part there.
-The agent runs as its own process with the least privilege deploy/ gives it: in the hub the
-rules of `workorder-agent` and `workorder-agent-events`, in the spoke those of
-`workorder-build-agent`, each bound in the test's namespace only.
+The agent runs as its own process with the least privilege deploy/ gives it: in the spoke
+deploy/agent is applied for real and the agent runs with nothing but its ServiceAccount's token;
+in the hub the rules of `workorder-agent` and `workorder-agent-events` are bound in the test's
+namespace only.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from workorder_operator.shipwright import BUILDRUNS, BUILDS, GROUP, HUB_ANNOTATI
 DIGEST = "sha256:0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f"
 HUB_NAME = "hub-under-test"
 SPOKE_LABEL = "cluster=eu-1"
+DEPLOY_AGENT = REPO / "deploy" / "agent"
 
 
 @dataclass
@@ -59,6 +63,42 @@ def spoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spoke]:
             api.close()
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="module")
+def spoke_identity(spoke: Spoke) -> Path:
+    """deploy/agent applied to the spoke for real; a kubeconfig with its ServiceAccount's token."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("needs kubectl (with kustomize) on PATH")
+    applied = subprocess.run(
+        ["kubectl", f"--kubeconfig={spoke.plane.kubeconfig}", "apply", "--server-side", "-k", str(DEPLOY_AGENT)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    assert "PodSecurity" not in applied.stderr, applied.stderr  # the pod meets the namespace's `restricted`
+    core = client.CoreV1Api(spoke.api)
+    token = core.create_namespaced_service_account_token(
+        "workorder-build-agent", "workorder-system", {"spec": {"expirationSeconds": 3600}}
+    ).status.token
+    path = spoke.plane.directory / "build-agent.kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "spoke",
+        "clusters": [{"name": "spoke", "cluster": {"server": spoke.plane.url,
+                                                   "certificate-authority": str(spoke.plane.pki.ca_cert)}}],
+        "users": [{"name": "build-agent", "user": {"token": token}}],
+        "contexts": [{"name": "spoke", "context": {"cluster": "spoke", "user": "build-agent"}}],
+    }))  # fmt: skip
+    # RBAC reaches the authorizer through an informer: wait until the new binding is seen.
+    review = {"spec": {"resourceAttributes": {"verb": "create", "group": GROUP, "resource": BUILDS}}}
+    agent_api = config.new_client_from_config(str(path))
+    try:
+        deadline = time.monotonic() + 20
+        while not client.AuthorizationV1Api(agent_api).create_self_subject_access_review(review).status.allowed:
+            assert time.monotonic() < deadline, "the build agent's ClusterRoleBinding never took effect"
+            time.sleep(0.1)
+    finally:
+        agent_api.close()
+    return path
 
 
 def rules(path: Path, name: str) -> list[dict[str, Any]]:
@@ -132,18 +172,22 @@ def hub_operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[O
 
 @pytest.fixture
 def build_agent(
-    cluster: Cluster, spoke: Spoke, namespace: str, spoke_namespace: str, hub_operator: OperatorProcess, tmp_path: Path
+    cluster: Cluster,
+    spoke_identity: Path,
+    namespace: str,
+    spoke_namespace: str,
+    hub_operator: OperatorProcess,
+    tmp_path: Path,
 ) -> Iterator[AgentProcess]:
     """The spoke's build agent, labelled cluster=eu-1, with only the rights deploy/ gives it."""
-    hub_user, spoke_user = f"eu-1-agent-{namespace}", "eu-1-build-agent"
+    hub_user = f"eu-1-agent-{namespace}"
     hub_rules = rules(REPO / "deploy/base/rbac-users.yaml", "workorder-agent")
     hub_rules += rules(REPO / "deploy/agent/hub/rbac.yaml", "workorder-agent-events")
     bind_rules(cluster.api, namespace, hub_user, hub_rules)
-    bind_rules(spoke.api, spoke_namespace, spoke_user, rules(REPO / "deploy/agent/rbac.yaml", "workorder-build-agent"))
     agent = AgentProcess(
         tmp_path / "build-agent.log", str(uuid.uuid4()),
         f"--hub-kubeconfig={cluster.user_kubeconfig(hub_user)}", f"--hub-name={HUB_NAME}",
-        f"--kubeconfig={spoke.plane.user_kubeconfig(spoke_user)}",
+        f"--kubeconfig={spoke_identity}",
         f"--label={SPOKE_LABEL}", "-n", namespace, "--cleanup-interval=1",
     )  # fmt: skip
     agent.start()
