@@ -31,6 +31,7 @@ order's uid label and the hub's name instead of an owner reference (`shipwright.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,18 @@ WAITING_MESSAGE = (
     "the cluster has no Shipwright Build API (shipwright.io/v1beta1); the build agent takes this order "
     "once Shipwright is installed"
 )
+
+
+def add_options(group: argparse._ArgumentGroup) -> None:
+    """The build agent's knobs, the same for the operator's built-in agent and workorder-build-agent."""
+    group.add_argument("--build-concurrency", type=int, default=4, help="builds run at once (default 4)")
+    group.add_argument(
+        "--build-registration-timeout", type=float, default=300.0, help="seconds to wait for a Build to register"
+    )
+    group.add_argument(
+        "--buildrun-start-timeout", type=float, default=300.0,
+        help="seconds to wait for a BuildRun to start before cancelling it (retryable BuildRunNotStarted)",
+    )  # fmt: skip
 
 
 def build_agent_config(**overrides: Any) -> AgentConfig:

@@ -25,6 +25,7 @@ from types import FrameType
 
 try:
     from workorder_operator.buildagent import BuildExecutor, build_agent_config
+    from workorder_operator.buildagent import add_options as add_build_options
 except ImportError as exc:  # the base install is the SDK and CLI only: say what to install, not a traceback
     sys.exit(f"workorder-build-agent needs the operator's dependencies: pip install 'workorder-operator[operator]' "
              f"({exc})")  # fmt: skip
@@ -70,14 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="take orders only in this namespace of the hub (repeatable); builds run in the namespace of the "
         "same name here",
     )  # fmt: skip
-    agent.add_argument("--concurrency", type=int, default=4, help="builds run at once (default 4)")
-    agent.add_argument(
-        "--registration-timeout", type=float, default=300.0, help="seconds to wait for a Build to register"
-    )
-    agent.add_argument(
-        "--buildrun-start-timeout", type=float, default=300.0,
-        help="seconds to wait for a BuildRun to start before cancelling it (retryable BuildRunNotStarted)",
-    )  # fmt: skip
+    add_build_options(agent)
     agent.add_argument(
         "--cleanup-interval", type=float, default=60.0,
         help="seconds between two looks for builds whose hub order is gone (deleted here then; default 60)",
@@ -99,7 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.annotation = annotations
     if args.hub_kubeconfig is None and (args.hub_context or args.hub_name):
         parser.error("--hub-context and --hub-name need --hub-kubeconfig")
-    for flag in ("concurrency", "cleanup_interval"):
+    for flag in ("build_concurrency", "cleanup_interval"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     return args
@@ -127,11 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("no usable kubeconfig: %s", exc)
         return 3
     executor = BuildExecutor(
-        hub, MANAGER, registration_timeout=args.registration_timeout,
+        hub, MANAGER, registration_timeout=args.build_registration_timeout,
         buildrun_start_timeout=args.buildrun_start_timeout, spoke=spoke, hub=hub_name,
     )  # fmt: skip
     config = build_agent_config(
-        id=args.id, labels=tuple(args.label), annotations=args.annotation, concurrency=args.concurrency,
+        id=args.id, labels=tuple(args.label), annotations=args.annotation, concurrency=args.build_concurrency,
         namespaces=tuple(args.namespace), mark_waiting=spoke is None,
     )  # fmt: skip
     agent = ExecutorAgent(hub, executor, config)

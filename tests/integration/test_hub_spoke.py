@@ -12,10 +12,8 @@ namespace only.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +36,7 @@ from workorder_operator.shipwright import BUILDRUNS, BUILDS, GROUP, HUB_ANNOTATI
 DIGEST = "sha256:0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f0e1f"
 HUB_NAME = "hub-under-test"
 SPOKE_LABEL = "cluster=eu-1"
+AGENT_ID = "3d8e4f1a-5b6c-4d7e-8f90-a1b2c3d4e5f6"
 DEPLOY_AGENT = REPO / "deploy" / "agent"
 
 
@@ -109,44 +108,6 @@ def rules(path: Path, name: str) -> list[dict[str, Any]]:
     return found
 
 
-class AgentProcess:
-    """`workorder-build-agent` as a child process; always stopped by the fixture."""
-
-    def __init__(self, log_path: Path, agent_id: str, *args: str) -> None:
-        self.log_path = log_path
-        self.id = agent_id
-        self.args = (f"--id={agent_id}", *args)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workorder_operator.standalone", *self.args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ),
-        )  # fmt: skip
-        log.close()
-        try:
-            wait_for(lambda: b"taking build orders" in self.log_path.read_bytes() or self.proc.poll() is not None, 30,
-                     what="the build agent taking orders")  # fmt: skip
-            assert self.proc.poll() is None, f"the build agent exited:\n{self.log()}"
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture
 def spoke_namespace(spoke: Spoke, namespace: str) -> Iterator[str]:
     """The test's namespace in the spoke too (builds run in the namespace of the order's name)."""
@@ -159,36 +120,25 @@ def spoke_namespace(spoke: Spoke, namespace: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def hub_operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    """The hub's operator for this namespace, its built-in build agent on (label `shipwright`)."""
-    proc = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log", "-n", namespace,
-                           f"--leader-election-namespace={namespace}")  # fmt: skip
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
 def build_agent(
     cluster: Cluster,
     spoke_identity: Path,
     namespace: str,
     spoke_namespace: str,
-    hub_operator: OperatorProcess,
+    operator: OperatorProcess,
     tmp_path: Path,
-) -> Iterator[AgentProcess]:
-    """The spoke's build agent, labelled cluster=eu-1, with only the rights deploy/ gives it."""
+) -> Iterator[OperatorProcess]:
+    """The spoke's build agent, labelled cluster=eu-1, with only the rights deploy/ gives it. The
+    hub's `operator` runs its built-in build agent (label `shipwright`) all the while."""
     hub_user = f"eu-1-agent-{namespace}"
     hub_rules = rules(REPO / "deploy/base/rbac-users.yaml", "workorder-agent")
     hub_rules += rules(REPO / "deploy/agent/hub/rbac.yaml", "workorder-agent-events")
     bind_rules(cluster.api, namespace, hub_user, hub_rules)
-    agent = AgentProcess(
-        tmp_path / "build-agent.log", str(uuid.uuid4()),
-        f"--hub-kubeconfig={cluster.user_kubeconfig(hub_user)}", f"--hub-name={HUB_NAME}",
-        f"--kubeconfig={spoke_identity}",
+    agent = OperatorProcess(
+        spoke_identity, tmp_path / "build-agent.log",
+        f"--hub-kubeconfig={cluster.user_kubeconfig(hub_user)}", f"--hub-name={HUB_NAME}", f"--id={AGENT_ID}",
         f"--label={SPOKE_LABEL}", "-n", namespace, "--cleanup-interval=1",
+        command=("-m", "workorder_operator.standalone"), ready=b"taking build orders",
     )  # fmt: skip
     agent.start()
     try:
@@ -218,7 +168,7 @@ def names(api: client.ApiClient, namespace: str, plural: str) -> set[str]:
 
 
 def test_an_order_for_the_spoke_is_built_there_and_completed_in_the_hub(
-    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: AgentProcess
+    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: OperatorProcess
 ) -> None:
     build_order(cluster, namespace, "for-us-2", "us-app", "cluster=us-2")
     ours = build_order(cluster, namespace, "for-eu-1", "eu-app", SPOKE_LABEL)
@@ -226,7 +176,7 @@ def test_an_order_for_the_spoke_is_built_there_and_completed_in_the_hub(
     Tekton(spoke.api, namespace).finish("for-eu-1-1", DIGEST)
     done = wait_for(lambda: completed(cluster, namespace, "for-eu-1"), 60, what="for-eu-1 Completed in the hub")
     assert done.status.result == DIGEST
-    assert [h.agent for h in done.status.history] == [build_agent.id]
+    assert [h.agent for h in done.status.history] == [AGENT_ID]
 
     # Built in the spoke, marked as the hub's order's (no owner reference: its owner is elsewhere).
     run = shipwright_object(spoke.api, namespace, BUILDRUNS, "for-eu-1-1")
@@ -248,7 +198,7 @@ def test_an_order_for_the_spoke_is_built_there_and_completed_in_the_hub(
 
 
 def test_deleting_the_hub_order_deletes_its_builds_in_the_spoke(
-    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: AgentProcess
+    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: OperatorProcess
 ) -> None:
     objects = client.CustomObjectsApi(spoke.api)
     # Someone else's BuildRun carrying an order-uid label but not this hub's mark: never touched.
@@ -272,7 +222,7 @@ def test_deleting_the_hub_order_deletes_its_builds_in_the_spoke(
 
 
 def test_a_build_name_someone_else_holds_in_the_spoke_is_never_taken_over(
-    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: AgentProcess
+    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: OperatorProcess
 ) -> None:
     objects = client.CustomObjectsApi(spoke.api)
     theirs = yaml.safe_load(KANIKO_BUILD.format(name="prod-app"))
