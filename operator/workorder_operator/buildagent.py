@@ -186,6 +186,11 @@ class BuildExecutor:
             except NotOurs as exc:
                 raise self._refused(order, f"{BUILD_NAME_TAKEN}: {exc}") from None
             except NotFound as exc:
+                if exc.details.get("kind") == "namespaces":
+                    # A spoke runs builds in the namespace of the order's name: it may not have one.
+                    raise Failure(
+                        f"namespace {order.namespace!r} does not exist in the cluster the builds run in", retryable=True
+                    ) from None
                 # The Build resource itself is not served (yet): Shipwright's CRDs were just
                 # (re)installed or removed. Discovery said it was there, so try again later.
                 raise Failure(f"the Build API is not served yet: {exc}", retryable=True) from None

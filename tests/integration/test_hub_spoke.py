@@ -12,6 +12,7 @@ namespace only.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -116,7 +117,8 @@ def spoke_namespace(spoke: Spoke, namespace: str) -> Iterator[str]:
     try:
         yield namespace
     finally:
-        core.delete_namespace(namespace)
+        with contextlib.suppress(client.ApiException):  # a test may have deleted it
+            core.delete_namespace(namespace)
 
 
 @pytest.fixture
@@ -243,3 +245,40 @@ def test_a_build_name_someone_else_holds_in_the_spoke_is_never_taken_over(
     assert after["metadata"].get("labels", {}).get(ORDER_UID_LABEL) is None
     assert HUB_ANNOTATION not in (after["metadata"].get("annotations") or {})
     assert names(spoke.api, namespace, BUILDRUNS) == set()
+
+
+def test_an_agent_restarted_mid_build_resumes_the_same_buildrun(
+    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: OperatorProcess
+) -> None:
+    build_order(cluster, namespace, "resumed", "resumed-app", SPOKE_LABEL)
+    tekton = Tekton(spoke.api, namespace)
+    taskrun = tekton.wait_taskrun("resumed-1", timeout=60)
+    tekton.start(taskrun)
+    build_agent.stop()  # SIGTERM: the claim and the BuildRun are left to be resumed
+    build_agent.start()
+    tekton.succeed(taskrun, DIGEST, 1024)
+
+    done = wait_for(lambda: completed(cluster, namespace, "resumed"), 60, what="resumed Completed in the hub")
+    assert done.status.result == DIGEST and done.status.attempt == 1
+    assert names(spoke.api, namespace, BUILDRUNS) == {"resumed-1"}
+
+
+def test_without_the_namespace_in_the_spoke_the_order_says_so(
+    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: OperatorProcess
+) -> None:
+    core = client.CoreV1Api(spoke.api)
+    core.delete_namespace(namespace)
+
+    def gone() -> bool:
+        return namespace not in {n.metadata.name for n in core.list_namespace().items}
+
+    wait_for(gone, 60, what=f"namespace {namespace} gone from the spoke")
+    create_order(cluster.api, namespace, "nowhere", workType="build", maxRetries=0,
+                 yamlContent=KANIKO_BUILD.format(name="nowhere-app"), targeting={"labels": [SPOKE_LABEL]})  # fmt: skip
+
+    def failed() -> WorkOrder | None:
+        order = order_of(cluster, namespace, "nowhere")
+        return order if order.status.phase == "Failed" else None
+
+    order = wait_for(failed, 60, what="nowhere Failed in the hub")
+    assert f"namespace {namespace!r} does not exist in the cluster the builds run in" in (order.status.last_error or "")
