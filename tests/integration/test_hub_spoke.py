@@ -28,7 +28,7 @@ from kubernetes import client, config
 
 from devcluster import envtest
 from tests.conftest import Cluster
-from tests.support import REPO, OperatorProcess, bind_rules, create_order, wait_for
+from tests.support import REPO, OperatorProcess, admission_policies, bind_rules, create_order, wait_for
 from tests.tekton import KANIKO_BUILD, Tekton, shipwright_object
 from workorder_operator.kube import WorkOrders
 from workorder_operator.model import WorkOrder
@@ -172,31 +172,34 @@ def names(api: client.ApiClient, namespace: str, plural: str) -> set[str]:
 def test_an_order_for_the_spoke_is_built_there_and_completed_in_the_hub(
     cluster: Cluster, spoke: Spoke, namespace: str, build_agent: OperatorProcess
 ) -> None:
-    build_order(cluster, namespace, "for-us-2", "us-app", "cluster=us-2")
-    ours = build_order(cluster, namespace, "for-eu-1", "eu-app", SPOKE_LABEL)
+    # Under the hub's admission policies, as a production hub runs: the spoke agent is an agent
+    # like any other there (its claims carry its hub identity, only it may act on them).
+    with admission_policies(cluster.kubeconfig, REPO / "deploy" / "base" / "admission.yaml"):
+        build_order(cluster, namespace, "for-us-2", "us-app", "cluster=us-2")
+        ours = build_order(cluster, namespace, "for-eu-1", "eu-app", SPOKE_LABEL)
 
-    Tekton(spoke.api, namespace).finish("for-eu-1-1", DIGEST)
-    done = wait_for(lambda: completed(cluster, namespace, "for-eu-1"), 60, what="for-eu-1 Completed in the hub")
-    assert done.status.result == DIGEST
-    assert [h.agent for h in done.status.history] == [AGENT_ID]
+        Tekton(spoke.api, namespace).finish("for-eu-1-1", DIGEST)
+        done = wait_for(lambda: completed(cluster, namespace, "for-eu-1"), 60, what="for-eu-1 Completed in the hub")
+        assert done.status.result == DIGEST
+        assert [h.agent for h in done.status.history] == [AGENT_ID]
 
-    # Built in the spoke, marked as the hub's order's (no owner reference: its owner is elsewhere).
-    run = shipwright_object(spoke.api, namespace, BUILDRUNS, "for-eu-1-1")
-    assert run is not None
-    assert run["metadata"]["labels"][ORDER_UID_LABEL] == ours.uid
-    assert run["metadata"]["annotations"][HUB_ANNOTATION] == HUB_NAME
-    assert all(r["kind"] != "WorkOrder" for r in run["metadata"].get("ownerReferences") or [])
-    assert names(spoke.api, namespace, BUILDS) == {"eu-app"}
-    # Nothing of it in the hub (whose own build agent, labelled `shipwright`, took neither order).
-    assert names(cluster.api, namespace, BUILDS) == set()
-    assert names(cluster.api, namespace, BUILDRUNS) == set()
+        # Built in the spoke, marked as the hub's order's (no owner reference: its owner is elsewhere).
+        run = shipwright_object(spoke.api, namespace, BUILDRUNS, "for-eu-1-1")
+        assert run is not None
+        assert run["metadata"]["labels"][ORDER_UID_LABEL] == ours.uid
+        assert run["metadata"]["annotations"][HUB_ANNOTATION] == HUB_NAME
+        assert all(r["kind"] != "WorkOrder" for r in run["metadata"].get("ownerReferences") or [])
+        assert names(spoke.api, namespace, BUILDS) == {"eu-app"}
+        # Nothing of it in the hub (whose own build agent, labelled `shipwright`, took neither order).
+        assert names(cluster.api, namespace, BUILDS) == set()
+        assert names(cluster.api, namespace, BUILDRUNS) == set()
 
-    # The order targeted elsewhere is left alone.
-    left = order_of(cluster, namespace, "for-us-2")
-    assert (left.status.phase, left.status.attempt, left.status.claimed_by, left.status.history) == (
-        "Pending", 0, None, [],
-    )  # fmt: skip
-    assert "for-us-2" not in build_agent.log()
+        # The order targeted elsewhere is left alone.
+        left = order_of(cluster, namespace, "for-us-2")
+        assert (left.status.phase, left.status.attempt, left.status.claimed_by, left.status.history) == (
+            "Pending", 0, None, [],
+        )  # fmt: skip
+        assert "for-us-2" not in build_agent.log()
 
 
 def test_deleting_the_hub_order_deletes_its_builds_in_the_spoke(
