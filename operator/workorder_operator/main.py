@@ -47,6 +47,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port (0: off)"
     )
+    parser.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address the metrics port listens on (default 127.0.0.1: this machine only; in a pod: 0.0.0.0)",
+    )
     ha = parser.add_argument_group("high availability (a Lease elects the one replica that acts)")
     ha.add_argument("--no-leader-election", action="store_true", help="act at once, alone (a single replica)")
     ha.add_argument(
@@ -73,6 +78,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         concurrency=args.concurrency,
         namespaces=tuple(args.namespace),
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
         lease=None if args.no_leader_election else LeaseConfig(args.leader_election_namespace,
                                                                args.leader_election_name),
     )  # fmt: skip

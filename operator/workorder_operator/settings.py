@@ -43,6 +43,9 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     # Port of /metrics, /healthz and /readyz; 0: not served.
     metrics_port: int = 0
+    # Address it listens on: this machine only unless asked (a pod asks for 0.0.0.0, so the
+    # kubelet's probes and Prometheus reach it).
+    metrics_address: str = "127.0.0.1"
     # Leader election; None: no election, this replica acts at once (a single replica).
     lease: LeaseConfig | None = None
     # This replica's name (the Lease holder, the user agent in audit logs).

@@ -215,3 +215,30 @@ def test_a_minimal_agent_s_whole_attempt_between_two_versions_names_it_from_the_
         ("Normal", "Claim", "attempt 1 claimed by an agent"),
         ("Normal", "Complete", "attempt 1 completed by agent ?"),
     ]
+
+
+def test_an_attempt_retried_and_the_next_failed_for_good_are_told_apart() -> None:
+    c = claimed(pending({"backoffSeconds": 1, "maxRetries": 1}))
+    retry = failed(c)
+    back = store(retry, lc.due(read(retry), LATER + dt.timedelta(seconds=3)))
+    second = claimed(back)
+    final = store(second, lc.fail(read(second), AGENT_A, 2, "again", LATER + dt.timedelta(seconds=4)))
+    assert [m for _, _, m in told(c, final)] == [
+        f"attempt 1 of agent {AGENT_A} failed (retried): boom",
+        f"attempt 2 claimed by agent {AGENT_A}",
+        f"attempt 2 of agent {AGENT_A} failed (final: retries used up): again",
+    ]
+
+
+def test_a_rejection_without_last_error_tells_the_result_or_that_none_was_given() -> None:
+    p = minimal(order_body(), reason=None, observedGeneration=None)
+    assert told(p, minimal(p, phase="Failed", result="bad content")) == [("Warning", "Reject", "rejected: bad content")]
+    assert told(p, minimal(p, phase="Failed")) == [("Warning", "Reject", "rejected: no reason given")]
+
+
+def test_a_phase_written_outside_the_lifecycle_is_not_told_as_a_transition() -> None:
+    p = pending()
+    # Completed without a claim (attempt unchanged): no agent took it, nothing ended, no rejection.
+    assert told(p, minimal(p, phase="Completed")) == []
+    done = minimal(p, phase="Completed", attempt=1, claimedBy=AGENT_B)
+    assert told(done, minimal(done, phase="Pending")) == []
