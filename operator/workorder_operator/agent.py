@@ -29,11 +29,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from workorder_operator import lifecycle
+from workorder_operator import fleet, lifecycle
 from workorder_operator.errors import Conflict, Failure, NotFound, Transient, WorkOrderError
 from workorder_operator.kube import ApiClient, OrderWatch, WorkOrders, api_error, whoami
 from workorder_operator.lifecycle import StatusWrite, TransitionError
 from workorder_operator.model import Phase, WorkOrder, utcnow
+from workorder_operator.presence import PresenceLeases
 from workorder_operator.targeting import AgentIdentity, admits, check_agent_id
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,12 @@ class Claim:
 
     def detach(self) -> None:
         """Stop handling this claim without a word to the API: it stays held (and expires unless
-        renewed). For agents that resume their claims after a restart (`Agent.run(resume=True)`)."""
+        renewed). For agents that resume their claims after a restart (`Agent.run(resume=True)`):
+        an agent that left a claim behind keeps its presence lease when it stops (its successor
+        of the same id renews it), so the claim is not expired the moment it leaves."""
         with self._lock:
             self.done = True
+            self.agent.left_behind = True
 
     def _write(self, what: str, make: Callable[[WorkOrder, Any], StatusWrite], *, final: bool = True) -> None:
         with self._lock:
@@ -211,12 +215,28 @@ class Agent:
         annotations: dict[str, str] | None = None,
         namespace: str | None = None,
         field_manager: str = "workorder-agent",
+        lease_duration: float = fleet.LEASE_SECONDS,
+        presence_namespace: str | None = None,
     ) -> None:
+        """`lease_duration`: the term of this agent's presence lease (`run` announces it; renewed
+        every third of it); once it lapses, the operator expires this agent's claims at once.
+        `presence_namespace`: where an all-namespaces agent (`namespace` None) announces itself
+        (default: `default`); a namespaced agent announces itself in its namespace."""
         self.api = api
         agent_id = check_agent_id(id, "Agent id") if id is not None else str(uuid.uuid4())
         self.identity = AgentIdentity(agent_id, tuple(labels), dict(annotations or {}))
         self.work_types = tuple(work_types)
         self.namespace = namespace
+        if not fleet.MIN_LEASE_SECONDS <= lease_duration <= fleet.MAX_LEASE_SECONDS:
+            raise ValueError(
+                f"lease_duration {lease_duration!r}: between {fleet.MIN_LEASE_SECONDS} and "
+                f"{fleet.MAX_LEASE_SECONDS} seconds"
+            )
+        self.lease_duration = lease_duration
+        self.presence_namespace = namespace or presence_namespace or "default"
+        self.leases = PresenceLeases(api, field_manager)
+        # A claim was detached (left held for a successor to resume): keep the lease on stopping.
+        self.left_behind = False
         # One field manager for all agents of a kind (the SDK's, the plugin's): managedFields stays
         # one entry however many agents write.
         self.orders = WorkOrders(api, field_manager)
@@ -241,6 +261,20 @@ class Agent:
                 log.warning("cannot tell this agent's Kubernetes username (%s); claims will not record it", exc)
                 self._user = ""
         return self._user or None
+
+    # --- presence -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def present(self) -> Iterator[None]:
+        """Announced for the duration: this agent's presence lease, renewed in the background
+        (`run` does this itself). On the way out the lease is deleted (a clean stop), unless a
+        claim was left behind for a successor to resume (`Claim.detach`)."""
+        beat = Heartbeat(self)
+        beat.start()
+        try:
+            yield
+        finally:
+            beat.stop(withdraw=not self.left_behind)
 
     # --- finding and claiming -------------------------------------------------------------------
 
@@ -335,7 +369,17 @@ class Agent:
         `resume`: first take up the claims this agent id already holds (a restarted agent whose
         work can continue, e.g. a build it only has to keep watching).
         """
-        stop = stop or threading.Event()
+        with self.present():
+            self._run(handler, concurrency, stop or threading.Event(), shutdown_grace, resume)
+
+    def _run(
+        self,
+        handler: Callable[[Claim], str | None],
+        concurrency: int,
+        stop: threading.Event,
+        shutdown_grace: float,
+        resume: bool,
+    ) -> None:
         pending = PendingOrders(self, stop)
         pending.start()
         in_flight: dict[str, tuple[Claim, Future[None]]] = {}
@@ -454,6 +498,60 @@ class Agent:
         except Exception as exc:  # the API stayed away longer than the claim can live: it will expire
             log.error("%s: could not report the failure of attempt %d: %s", claim.order.key, claim.attempt, exc,
                       extra=claim.order.logref)  # fmt: skip
+
+
+class Heartbeat:
+    """An agent's presence lease (`fleet`), renewed every third of its term in a thread.
+
+    Presence is best effort: an agent that cannot announce itself (no right to leases, the API
+    away) still works; its claims then only expire after their claimTimeoutSeconds."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"presence-{agent.id[:8]}", daemon=True)
+        self._uid: str | None = None
+        self._complained = False
+
+    def start(self) -> None:
+        """Announce once before anything is claimed, then keep renewing."""
+        self._beat(first=True)
+        self._thread.start()
+
+    def stop(self, *, withdraw: bool) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if withdraw and self._uid is not None:
+            a = self.agent
+            try:
+                a.leases.delete(a.presence_namespace, fleet.lease_name(a.id), self._uid)
+            except WorkOrderError as exc:  # it lapses by itself; the operator then expires nothing we hold
+                log.warning("could not withdraw the presence lease of agent %s: %s", a.id, exc)
+
+    def _loop(self) -> None:
+        every = self.agent.lease_duration / 3
+        while not self._stop.wait(every):
+            self._beat(first=False)
+
+    def _beat(self, *, first: bool) -> None:
+        a = self.agent
+        try:
+            body = fleet.lease_body(
+                a.identity, work_types=a.work_types, user=a.user or "", cluster_wide=a.namespace is None,
+                duration=a.lease_duration, now=utcnow(), acquired=first,
+            )  # fmt: skip
+            stored = a.leases.put(a.presence_namespace, body)
+        except Exception as exc:
+            level = logging.WARNING if first or not self._complained else logging.DEBUG
+            log.log(level, "agent %s: cannot announce its presence in namespace %s (%s); its claims expire only "
+                    "after their claimTimeoutSeconds until it can", a.id, a.presence_namespace, exc)  # fmt: skip
+            self._complained = True
+            return
+        if self._complained:
+            log.info("agent %s: presence announced again", a.id)
+            self._complained = False
+        self._uid = str(stored.get("metadata", {}).get("uid") or "") or None
 
 
 class PendingOrders:

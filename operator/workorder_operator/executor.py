@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from workorder_operator import lifecycle
+from workorder_operator import fleet, lifecycle
 from workorder_operator.agent import Agent, Claim, ClaimLost
 from workorder_operator.errors import Conflict, NotFound, WorkOrderError
 from workorder_operator.kube import ApiClient, post_event
@@ -92,6 +92,10 @@ class AgentConfig:
     namespaces: tuple[str, ...] = ()
     # How often to ask `Executor.waiting` again while it says nothing can run.
     discovery_interval: float = 5.0
+    # Where the agent announces itself when it takes orders in every namespace (None: `default`),
+    # and its presence lease's term (fleet.py).
+    presence_namespace: str | None = None
+    lease_duration: float = fleet.LEASE_SECONDS
 
 
 class ExecutorAgent:
@@ -103,7 +107,8 @@ class ExecutorAgent:
         self.config = config
         self.agents = [
             Agent(api, config.id, work_types=[executor.work_type], labels=config.labels,
-                  annotations=config.annotations, namespace=namespace)
+                  annotations=config.annotations, namespace=namespace, lease_duration=config.lease_duration,
+                  presence_namespace=config.presence_namespace)
             for namespace in config.namespaces or (None,)
         ]  # fmt: skip
         self.agent = self.agents[0]
