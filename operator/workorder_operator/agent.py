@@ -220,8 +220,8 @@ class Agent:
     ) -> None:
         """`lease_duration`: the term of this agent's presence lease (`run` announces it; renewed
         every third of it); once it lapses, the operator expires this agent's claims at once.
-        `presence_namespace`: where an all-namespaces agent (`namespace` None) announces itself
-        (default: `default`); a namespaced agent announces itself in its namespace."""
+        `presence_namespace`: where it announces itself (default: its namespace; for an
+        all-namespaces agent, `default`)."""
         self.api = api
         agent_id = check_agent_id(id, "Agent id") if id is not None else str(uuid.uuid4())
         self.identity = AgentIdentity(agent_id, tuple(labels), dict(annotations or {}))
@@ -233,7 +233,7 @@ class Agent:
                 f"{fleet.MAX_LEASE_SECONDS} seconds"
             )
         self.lease_duration = lease_duration
-        self.presence_namespace = namespace or presence_namespace or "default"
+        self.presence_namespace = presence_namespace or namespace or "default"
         self.leases = PresenceLeases(api, field_manager)
         # A claim was detached (left held for a successor to resume): keep the lease on stopping.
         self.left_behind = False
@@ -265,16 +265,17 @@ class Agent:
     # --- presence -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def present(self) -> Iterator[None]:
+    def present(self, namespaces: Sequence[str] | None = None, others: Sequence[Agent] = ()) -> Iterator[None]:
         """Announced for the duration: this agent's presence lease, renewed in the background
-        (`run` does this itself). On the way out the lease is deleted (a clean stop), unless a
-        claim was left behind for a successor to resume (`Claim.detach`)."""
-        beat = Heartbeat(self)
+        (`run` does this itself). `namespaces`: where it takes orders (default: its namespace, or
+        every one). On the way out the lease is deleted (a clean stop), unless a claim was left
+        behind (`Claim.detach`, also by `others` of the same id) for a successor to resume."""
+        beat = Heartbeat(self, namespaces)
         beat.start()
         try:
             yield
         finally:
-            beat.stop(withdraw=not self.left_behind)
+            beat.stop(withdraw=not any(a.left_behind for a in (self, *others)))
 
     # --- finding and claiming -------------------------------------------------------------------
 
@@ -358,6 +359,7 @@ class Agent:
         stop: threading.Event | None = None,
         shutdown_grace: float = 10.0,
         resume: bool = False,
+        announce: bool = True,
     ) -> None:
         """Take orders until `stop` is set: a watch on Pending orders wakes the loop at once.
 
@@ -367,9 +369,10 @@ class Agent:
         On stop, no new orders are claimed; in-flight handlers get `shutdown_grace` seconds to
         finish, then their orders are released, so nothing stays claimed by an agent that left.
         `resume`: first take up the claims this agent id already holds (a restarted agent whose
-        work can continue, e.g. a build it only has to keep watching).
+        work can continue, e.g. a build it only has to keep watching). `announce`: hold a presence
+        lease meanwhile (`present`; False when the caller announces this agent itself).
         """
-        with self.present():
+        with self.present() if announce else contextlib.nullcontext():
             self._run(handler, concurrency, stop or threading.Event(), shutdown_grace, resume)
 
     def _run(
@@ -506,8 +509,10 @@ class Heartbeat:
     Presence is best effort: an agent that cannot announce itself (no right to leases, the API
     away) still works; its claims then only expire after their claimTimeoutSeconds."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, namespaces: Sequence[str] | None = None) -> None:
         self.agent = agent
+        default = () if agent.namespace is None else (agent.namespace,)
+        self.namespaces = tuple(namespaces) if namespaces is not None else default
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"presence-{agent.id[:8]}", daemon=True)
         self._uid: str | None = None
@@ -538,7 +543,7 @@ class Heartbeat:
         a = self.agent
         try:
             body = fleet.lease_body(
-                a.identity, work_types=a.work_types, user=a.user or "", cluster_wide=a.namespace is None,
+                a.identity, work_types=a.work_types, user=a.user or "", namespaces=self.namespaces,
                 duration=a.lease_duration, now=utcnow(), acquired=first,
             )  # fmt: skip
             stored = a.leases.put(a.presence_namespace, body)

@@ -168,8 +168,13 @@ class ExecutorAgent:
             self.stop.wait(self.config.discovery_interval)
 
     def _run_agents(self) -> None:
+        # One presence lease for all of them (one agent id), in the presence namespace.
+        with self.agent.present(self.config.namespaces, others=self.agents[1:]):
+            self._run_each()
+
+    def _run_each(self) -> None:
         def run(agent: Agent) -> None:
-            agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True)
+            agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True, announce=False)
 
         threads = [
             threading.Thread(target=run, args=(a,), name=f"{self.work_type}-agent-{a.namespace}", daemon=True)

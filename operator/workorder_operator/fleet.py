@@ -35,11 +35,9 @@ USER = "workorder.dev/user"
 WORK_TYPES = "workorder.dev/work-types"
 LABELS = "workorder.dev/labels"
 ANNOTATIONS = "workorder.dev/annotations"
-# `Namespace`: the agent takes orders (and holds claims) in the lease's namespace only;
-# `Cluster`: in every namespace (an `-A` agent; its lease lives in its presence namespace).
-SCOPE = "workorder.dev/scope"
-NAMESPACE_SCOPE = "Namespace"
-CLUSTER_SCOPE = "Cluster"
+# Where the agent takes orders (and holds claims): a JSON list of namespaces, [] for every
+# namespace (an `-A` agent); without it, the lease's own namespace.
+NAMESPACES = "workorder.dev/namespaces"
 LEASE_PREFIX = "workorder-agent-"
 
 # A lease's default term: renewed every third of it, so two renewals may fail before it lapses.
@@ -65,13 +63,14 @@ def lease_body(
     *,
     work_types: Sequence[str],
     user: str,
-    cluster_wide: bool,
+    namespaces: Sequence[str],
     duration: float,
     now: dt.datetime,
     acquired: bool = False,
 ) -> dict[str, Any]:
     """The presence lease as an agent writes it (create, or a merge patch to renew it);
-    `acquired`: this announcement starts a term (acquireTime is set)."""
+    `namespaces`: where it takes orders (empty: everywhere); `acquired`: this announcement
+    starts a term (acquireTime is set)."""
     spec: dict[str, Any] = {
         "holderIdentity": agent.id,
         "leaseDurationSeconds": max(MIN_LEASE_SECONDS, min(MAX_LEASE_SECONDS, round(duration))),
@@ -90,7 +89,7 @@ def lease_body(
                 WORK_TYPES: json.dumps(list(work_types)),
                 LABELS: json.dumps(list(agent.labels)),
                 ANNOTATIONS: json.dumps(dict(agent.annotations), sort_keys=True),
-                SCOPE: CLUSTER_SCOPE if cluster_wide else NAMESPACE_SCOPE,
+                NAMESPACES: json.dumps(list(namespaces)),
             },
         },
         "spec": spec,
@@ -107,7 +106,8 @@ class Presence:
     work_types: tuple[str, ...]
     # The Kubernetes username the agent runs as ("" when it could not tell).
     user: str
-    cluster_wide: bool
+    # Where it takes orders; empty: every namespace.
+    namespaces: tuple[str, ...]
     duration: float
     renew_time: dt.datetime | None
 
@@ -115,9 +115,13 @@ class Presence:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def cluster_wide(self) -> bool:
+        return not self.namespaces
+
     def covers(self, namespace: str) -> bool:
         """Whether this agent takes orders in `namespace`."""
-        return self.cluster_wide or namespace == self.namespace
+        return self.cluster_wide or namespace in self.namespaces
 
     def takes(self, order: WorkOrder) -> bool:
         """Whether this agent would take the order (where, what, and whom it targets)."""
@@ -163,22 +167,21 @@ def parse_lease(body: dict[str, Any]) -> Presence:
     work_types = _json(annotations, WORK_TYPES, list, [])
     labels = _json(annotations, LABELS, list, [])
     agent_annotations = _json(annotations, ANNOTATIONS, dict, {})
-    if not all(isinstance(x, str) for x in (*work_types, *labels, *agent_annotations.values())):
-        raise ValueError(f"annotations {WORK_TYPES}, {LABELS}, {ANNOTATIONS}: only strings")
-    scope = annotations.get(SCOPE, NAMESPACE_SCOPE)
-    if scope not in (NAMESPACE_SCOPE, CLUSTER_SCOPE):
-        raise ValueError(f"annotation {SCOPE}: {scope!r} is neither {NAMESPACE_SCOPE} nor {CLUSTER_SCOPE}")
+    namespace = str(meta.get("namespace", ""))
+    namespaces = _json(annotations, NAMESPACES, list, [namespace])
+    if not all(isinstance(x, str) for x in (*work_types, *labels, *agent_annotations.values(), *namespaces)):
+        raise ValueError(f"annotations {WORK_TYPES}, {LABELS}, {ANNOTATIONS}, {NAMESPACES}: only strings")
     duration = spec.get("leaseDurationSeconds")
     if not isinstance(duration, int) or duration < MIN_LEASE_SECONDS:
         raise ValueError(f"spec.leaseDurationSeconds: {duration!r} is not a whole number of seconds >= 1")
     renew = spec.get("renewTime") or spec.get("acquireTime")
     return Presence(
-        namespace=str(meta.get("namespace", "")),
+        namespace=namespace,
         name=str(meta.get("name", "")),
         agent=AgentIdentity(agent_id, tuple(labels), dict(agent_annotations)),
         work_types=tuple(work_types),
         user=str(annotations.get(USER, "")),
-        cluster_wide=scope == CLUSTER_SCOPE,
+        namespaces=tuple(namespaces),
         duration=float(min(duration, MAX_LEASE_SECONDS)),
         renew_time=parse_time(renew) if renew else None,
     )

@@ -31,11 +31,17 @@ def lease(
     duration: float = 30,
     types: tuple[str, ...] = ("build",),
     namespace: str = "team-a",
-    cluster_wide: bool = False,
+    namespaces: tuple[str, ...] | None = None,
     rv: int = 1,
 ) -> dict[str, Any]:
     body = fleet.lease_body(
-        agent, work_types=types, user=user, cluster_wide=cluster_wide, duration=duration, now=at, acquired=True
+        agent,
+        work_types=types,
+        user=user,
+        namespaces=(namespace,) if namespaces is None else namespaces,
+        duration=duration,
+        now=at,
+        acquired=True,
     )
     body["metadata"].update(namespace=namespace, uid=f"lease-{agent.id[:8]}", resourceVersion=str(rv))
     return body
@@ -55,14 +61,21 @@ def run(test: Any) -> None:
 
 
 def test_a_lease_says_who_the_agent_is_and_reads_back_the_same() -> None:
-    body = lease(cluster_wide=True)
+    body = lease(namespaces=())
     assert body["metadata"]["name"] == f"workorder-agent-{AGENT_A}"
     assert body["metadata"]["labels"] == {"workorder.dev/presence": "agent", "workorder.dev/agent-id": AGENT_A}
     assert body["spec"]["holderIdentity"] == AGENT_A and body["spec"]["leaseDurationSeconds"] == 30
     p = fleet.parse_lease(body)
-    assert p.agent == A and p.work_types == ("build",) and p.user == ALICE and p.cluster_wide
+    assert p.agent == A and p.work_types == ("build",) and p.user == ALICE and p.cluster_wide and p.namespaces == ()
+    # Without the annotation, an agent takes orders where its lease is.
+    del body["metadata"]["annotations"]["workorder.dev/namespaces"]
+    assert fleet.parse_lease(body).namespaces == ("team-a",)
     assert p.renew_time == NOW and p.duration == 30 and p.key == f"team-a/workorder-agent-{AGENT_A}"
     assert fleet.is_presence(body) and not fleet.is_presence({"metadata": {"name": "workorder-operator"}})
+
+
+def annotate(body: dict[str, Any], key: str, value: str) -> None:
+    body["metadata"]["annotations"][key] = value
 
 
 @pytest.mark.parametrize(
@@ -72,7 +85,10 @@ def test_a_lease_says_who_the_agent_is_and_reads_back_the_same() -> None:
         (lambda b: b["spec"].pop("leaseDurationSeconds"), "spec.leaseDurationSeconds"),
         (lambda b: b["metadata"]["annotations"].update({"workorder.dev/labels": "zone-a"}), "workorder.dev/labels"),
         (lambda b: b["metadata"]["annotations"].update({"workorder.dev/work-types": "{}"}), "workorder.dev/work-types"),
-        (lambda b: b["metadata"]["annotations"].update({"workorder.dev/scope": "Galaxy"}), "workorder.dev/scope"),
+        (
+            lambda b: b["metadata"]["annotations"].update({"workorder.dev/namespaces": "[1]"}),
+            "workorder.dev/namespaces",
+        ),
     ],
 )
 def test_a_malformed_lease_is_refused_naming_the_field(change: Any, field: str) -> None:
@@ -127,14 +143,14 @@ def test_a_lease_speaks_only_for_claims_of_its_agent_id_and_its_user_in_its_scop
     elsewhere = read(held(5, AGENT_A, ALICE)).model_copy(update={"namespace": "team-b"})
     assert fleet.holder_lost_at(elsewhere, [s]) is None
     # A cluster-wide agent holds claims everywhere.
-    everywhere = Sighting(fleet.parse_lease(lease(cluster_wide=True, namespace="agents")), NOW)
+    everywhere = Sighting(fleet.parse_lease(lease(namespaces=(), namespace="agents")), NOW)
     assert fleet.holder_lost_at(elsewhere, [everywhere]) is not None
     # Not claimed: nothing to expire.
     assert fleet.holder_lost_at(read(initialised(order_body())), [s]) is None
 
 
 def test_an_agent_announced_in_two_places_lives_while_either_lease_does() -> None:
-    old = Sighting(fleet.parse_lease(lease(namespace="agents", cluster_wide=True)), NOW, gone_at=NOW)
+    old = Sighting(fleet.parse_lease(lease(namespace="agents", namespaces=())), NOW, gone_at=NOW)
     fresh = Sighting(fleet.parse_lease(lease(at=NOW + dt.timedelta(seconds=20))), NOW + dt.timedelta(seconds=20))
     at, which = fleet.holder_lost_at(read(held(1, AGENT_A, ALICE)), [old, fresh]) or (None, None)
     assert which is fresh and at == fresh.lost_at()
