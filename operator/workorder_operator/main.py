@@ -68,6 +68,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--unschedulable-grace", type=float, default=30.0,
         help="mark a Pending order no live agent can take for this long Schedulable=False (default 30; 0: never)",
     )  # fmt: skip
+    fleet.add_argument(
+        "--scheduling-interval", type=float, default=5.0,
+        help="seconds between two looks for unschedulable orders (default 5; each writes at most 50 marks)",
+    )  # fmt: skip
     build = parser.add_argument_group("built-in build agent (runs `build` orders with Shipwright)")
     build.add_argument("--no-build-agent", action="store_true", help="leave build orders to external agents")
     build.add_argument(
@@ -98,6 +102,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         presence_namespace=args.presence_namespace or args.leader_election_namespace,
         presence_grace=args.presence_grace,
         unschedulable_grace=args.unschedulable_grace,
+        scheduling_interval=args.scheduling_interval,
     )  # fmt: skip
 
 
