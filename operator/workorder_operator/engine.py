@@ -597,15 +597,18 @@ class PresenceFeed:
     a thread per scope that lists, then watches from the list's resourceVersion, and lists again
     after 410 Gone or a broken connection (what vanished meanwhile counts as deleted)."""
 
-    def __init__(self, engine: Engine, leases: PresenceLeases) -> None:
+    def __init__(self, engine: Engine, leases: PresenceLeases, also: Sequence[str] = ()) -> None:
+        """`also`: namespaces to follow besides the engine's, when it watches some only (the
+        presence namespace, where the operator's own agents announce themselves)."""
         self.engine = engine
         self.leases = leases
         self._loop = asyncio.get_running_loop()
         self._stop = threading.Event()
         self._watches: list[Any] = []
+        scopes = list(dict.fromkeys((*engine.namespaces, *also))) if engine.namespaces else [None]
         self._threads = [
             threading.Thread(target=self._run, args=(ns,), name=f"presence-watch-{ns or 'all'}", daemon=True)
-            for ns in engine.namespaces or (None,)
+            for ns in scopes
         ]
 
     def start(self) -> None:

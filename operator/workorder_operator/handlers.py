@@ -109,7 +109,7 @@ async def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, logger: k
     )
     state.engine = engine
     # Every replica follows the agents' presence leases too (a warm view for a fast takeover).
-    state.presence = PresenceFeed(engine, PresenceLeases(api, OPERATOR_MANAGER))
+    state.presence = PresenceFeed(engine, PresenceLeases(api, OPERATOR_MANAGER), also=(ours.presence_namespace,))
     state.presence.start()
     state.tasks.append(asyncio.create_task(engine.scheduling_forever(ours.scheduling_interval)))
     # Executors tell refusals through the engine's rate-limited events.
