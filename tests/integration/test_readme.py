@@ -128,7 +128,9 @@ def test_the_kubectl_only_presence_of_the_contract_as_written(
     block = sh_block(REPO / "docs" / "CONTRACT.md", "## Agent presence: the Lease")
     out = bash(block, tmp_path, env)
     assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
-    listed = [line.split() for line in out.stdout.splitlines() if "6f1c2a9e-0000-4000-8000-000000000001" in line]
+    listed = [
+        line.split() for line in out.stdout.splitlines() if line.startswith("6f1c2a9e-0000-4000-8000-000000000001")
+    ]
     assert listed and listed[0][1] == "backup" and listed[0][-1] == "Live", out.stdout
     assert 'lease.coordination.k8s.io "workorder-agent-6f1c2a9e-0000-4000-8000-000000000001" deleted' in out.stdout
 
