@@ -17,6 +17,7 @@ somebody else's claims by forging, letting lapse or deleting a lease.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -302,3 +303,56 @@ def no_agent_message(order: WorkOrder, agents: Sequence[Presence]) -> str:
         f"no live agent takes {wants} in namespace {order.namespace} "
         f"({here} live agent{'s' if here != 1 else ''} announced here; see kubectl workorder agents)"
     )
+
+
+# --- dividing the queue (rendezvous hashing) ----------------------------------------------------
+
+# How long an order may wait for the agent that ranks it first before any agent that admits it
+# takes it (that agent may be dead, slow, or busy).
+STEAL_DELAY_SECONDS = 2.0
+
+
+def weight(order_uid: str, agent_id: str) -> int:
+    """The rendezvous (highest-random-weight) weight of an agent for an order: the first 8 bytes of
+    sha256("<order uid>/<agent id>"), big-endian, ids in lower case. Any language computes the same."""
+    digest = hashlib.sha256(f"{order_uid.lower()}/{agent_id.lower()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def ranked_first(order: WorkOrder, agents: Iterable[Presence]) -> str | None:
+    """The id of the agent that ranks the order first among `agents` that would take it."""
+    takers = {a.agent.id.lower() for a in agents if a.takes(order)}
+    return max(takers, key=lambda agent_id: (weight(order.uid, agent_id), agent_id), default=None)
+
+
+def waiting_since(order: WorkOrder) -> dt.datetime:
+    """When the order became claimable: its creation, or for one that was claimed before, its last
+    status change (the expiry, release, due retry or requeue that made it Pending again). The
+    operator's initialise write of a new order does not count: the order was claimable before."""
+    if order.status.attempt == 0 or order.status.updated_at is None:
+        return order.created_at
+    return max(order.created_at, order.status.updated_at)
+
+
+def divide(
+    candidates: Sequence[WorkOrder],
+    me: Presence,
+    peers: Iterable[Presence],
+    now: dt.datetime,
+    steal_delay: float = STEAL_DELAY_SECONDS,
+) -> list[WorkOrder]:
+    """The candidates this agent should try, in the order to try them: of each priority (highest
+    first), those it ranks first among the live agents that admit them (itself included), then
+    those that have waited longer than `steal_delay` for the agent that ranks them first, so
+    nothing waits on a dead or slow agent. Within each group the offer order (oldest first) is
+    kept. Agents that see each other thus divide the queue instead of all racing for the oldest
+    order; a backlog is worked by each from its own share until it runs out."""
+    agents = [me, *(p for p in peers if p.agent.id.lower() != me.agent.id.lower())]
+    late = dt.timedelta(seconds=steal_delay)
+    mine = me.agent.id.lower()
+    keyed = []
+    for position, order in enumerate(candidates):
+        own = ranked_first(order, agents) == mine
+        if own or now - waiting_since(order) >= late:
+            keyed.append(((-order.spec.priority, not own, position), order))
+    return [order for _, order in sorted(keyed, key=lambda k: k[0])]

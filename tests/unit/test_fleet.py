@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 from typing import Any
 
 import pytest
@@ -339,3 +340,49 @@ def test_a_lost_agent_no_longer_makes_orders_schedulable() -> None:
         await asyncio.wait_for(h.engine.follow(), HANG)
 
     run(test)
+
+
+# --- dividing the queue -------------------------------------------------------------------------
+
+
+def test_rendezvous_weights_are_stable_and_spread_orders_evenly_over_agents() -> None:
+    assert fleet.weight("ABC", "DEF") == fleet.weight("abc", "def")  # ids are compared in lower case
+    assert fleet.weight(uid(1), AGENT_A) == int.from_bytes(hashlib.sha256(f"{uid(1)}/{AGENT_A}".encode()).digest()[:8])
+    agents = [fleet.parse_lease(lease(AgentIdentity(f"00000000-0000-4000-8000-{k:012d}"), types=()))
+              for k in range(4)]  # fmt: skip
+    owners = [fleet.ranked_first(pending(i), agents) for i in range(400)]
+    counts = {a.agent.id: owners.count(a.agent.id) for a in agents}
+    assert all(60 <= c <= 140 for c in counts.values()), counts
+    # Adding a fifth agent moves only the orders it now ranks first (about a fifth of them).
+    fifth = fleet.parse_lease(lease(AgentIdentity("00000000-0000-4000-8000-000000000099"), types=()))
+    moved = [i for i in range(400) if fleet.ranked_first(pending(i), [*agents, fifth]) != owners[i]]
+    assert all(fleet.ranked_first(pending(i), [*agents, fifth]) == fifth.agent.id for i in moved)
+    assert 40 <= len(moved) <= 130
+
+
+def test_an_agent_tries_the_orders_it_ranks_first_and_any_that_waited_past_the_steal_delay() -> None:
+    me = fleet.parse_lease(lease(AgentIdentity(AGENT_A), types=()))
+    peer = fleet.parse_lease(lease(AgentIdentity(AGENT_B), types=()))
+    orders = [pending(i) for i in range(40)]
+    fresh = orders[0].created_at  # just created
+    mine = fleet.divide(orders, me, [peer], fresh, steal_delay=2)
+    theirs = fleet.divide(orders, peer, [me], fresh, steal_delay=2)
+    assert mine and theirs and not {o.uid for o in mine} & {o.uid for o in theirs}
+    assert {o.uid for o in mine} | {o.uid for o in theirs} == {o.uid for o in orders}
+    assert mine == [o for o in orders if o in mine]  # offer order kept
+    # A peer that does not take the work type ranks nothing: everything is mine.
+    picky = fleet.parse_lease(lease(AgentIdentity(AGENT_B), types=("other",)))
+    assert fleet.divide(orders, me, [picky], fresh) == orders
+    # Past the steal delay every order is anyone's, its own share first.
+    later = fleet.divide(orders, me, [peer], fresh + dt.timedelta(seconds=2), steal_delay=2)
+    assert later == mine + [o for o in orders if o not in mine]
+    # Priority first, always: a higher-priority order of the peer's comes before a lower one of mine.
+    urgent = next(pending(i, priority=5) for i in range(100, 200)
+                  if fleet.ranked_first(pending(i), [me, peer]) == AGENT_B)  # fmt: skip
+    assert fleet.divide([*orders, urgent], me, [peer], fresh + dt.timedelta(seconds=2), 2)[0] == urgent
+    # An order back to Pending after a claim waits from its last status change, not its creation.
+    i = next(i for i in range(50, 100) if fleet.ranked_first(pending(i), [me, peer]) == AGENT_B)
+    b = held(i, AGENT_B, ALICE, at=fresh + dt.timedelta(hours=1))
+    released = read(store(b, lc.release(read(b), AGENT_B, 1, fresh + dt.timedelta(hours=1, seconds=1))))
+    assert fleet.divide([released], me, [peer], fresh + dt.timedelta(hours=1, seconds=2), 2) == []
+    assert fleet.divide([released], me, [peer], fresh + dt.timedelta(hours=1, seconds=3), 2) == [released]
