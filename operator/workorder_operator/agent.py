@@ -217,11 +217,14 @@ class Agent:
         field_manager: str = "workorder-agent",
         lease_duration: float = fleet.LEASE_SECONDS,
         presence_namespace: str | None = None,
+        steal_delay: float | None = fleet.STEAL_DELAY_SECONDS,
     ) -> None:
         """`lease_duration`: the term of this agent's presence lease (`run` announces it; renewed
         every third of it); once it lapses, the operator expires this agent's claims at once.
         `presence_namespace`: where it announces itself (default: its namespace; for an
-        all-namespaces agent, `default`)."""
+        all-namespaces agent, `default`). `steal_delay`: `run` divides the queue with the other live
+        agents it sees there (rendezvous hashing, `fleet.divide`): it tries the orders it ranks first,
+        then those that waited longer than this for their first-ranked agent; None: no division."""
         self.api = api
         agent_id = check_agent_id(id, "Agent id") if id is not None else str(uuid.uuid4())
         self.identity = AgentIdentity(agent_id, tuple(labels), dict(annotations or {}))
@@ -237,6 +240,9 @@ class Agent:
         self.leases = PresenceLeases(api, field_manager)
         # A claim was detached (left held for a successor to resume): keep the lease on stopping.
         self.left_behind = False
+        self.steal_delay = steal_delay
+        # The live agents `run` sees (presence leases in its presence namespace), if it looks.
+        self.peers: Peers | None = None
         # One field manager for all agents of a kind (the SDK's, the plugin's): managedFields stays
         # one entry however many agents write.
         self.orders = WorkOrders(api, field_manager)
@@ -385,6 +391,9 @@ class Agent:
     ) -> None:
         pending = PendingOrders(self, stop)
         pending.start()
+        if self.steal_delay is not None:
+            self.peers = Peers(self, stop)
+            self.peers.start()
         in_flight: dict[str, tuple[Claim, Future[None]]] = {}
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix="workorder-work")
         try:
@@ -411,6 +420,8 @@ class Agent:
         finally:
             stop.set()
             pending.stop()
+            if self.peers is not None:
+                self.peers.stop()
             # Not waited for: a handler still running after the grace is left behind (its order released).
             pool.shutdown(wait=False)
             deadline = time.monotonic() + shutdown_grace
@@ -422,8 +433,20 @@ class Agent:
                         claim.release("agent shutting down")
                         log.info("%s: released (agent shutting down)", claim.order.key, extra=claim.order.logref)
 
+    def _divided(self, candidates: list[WorkOrder]) -> list[WorkOrder]:
+        """The candidates in the order this agent should try them, given the agents it sees."""
+        if self.peers is None or self.steal_delay is None or not candidates:
+            return candidates
+        me = fleet.Presence(
+            namespace=self.presence_namespace, name=fleet.lease_name(self.id), agent=self.identity,
+            work_types=self.work_types, user=self._user or "",
+            namespaces=() if self.namespace is None else (self.namespace,), duration=self.lease_duration,
+            renew_time=None,
+        )  # fmt: skip
+        return fleet.divide(candidates, me, self.peers.live(), utcnow(), self.steal_delay)
+
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
-        for lost, order in enumerate(self._spread(pending.snapshot())):
+        for lost, order in enumerate(self._spread(self._divided(pending.snapshot()))):
             if lost >= LOST_RACES_PER_ROUND:
                 # Others are taking what we see: marching down a stale list only loses more races.
                 # A short, random pause lets our watch catch up and the racers drift apart.
@@ -557,6 +580,71 @@ class Heartbeat:
             log.info("agent %s: presence announced again", a.id)
             self._complained = False
         self._uid = str(stored.get("metadata", {}).get("uid") or "") or None
+
+
+class Peers:
+    """The live agents in this agent's presence namespace (presence leases, list then watch), to
+    divide the queue with. Best effort: without the right to list leases, or while the watch is
+    down, the agent sees no peers and takes every candidate, as before."""
+
+    def __init__(self, agent: Agent, stop: threading.Event) -> None:
+        self.agent = agent
+        self._stop = stop
+        self._seen: dict[str, fleet.Sighting] = {}
+        self._lock = threading.Lock()
+        self._watch: OrderWatch | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"peers-{agent.id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+
+    def live(self) -> list[fleet.Presence]:
+        with self._lock:
+            return fleet.live(self._seen.values(), utcnow())
+
+    def _loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                bodies, version = self.agent.leases.list(self.agent.presence_namespace)
+                with self._lock:
+                    self._seen = {}
+                for body in bodies:
+                    self._saw("ADDED", body)
+                backoff = 0.5
+                while not self._stop.is_set():
+                    self._watch = self.agent.leases.watch(self.agent.presence_namespace, version)
+                    for kind, body in self._watch:
+                        version = body.get("metadata", {}).get("resourceVersion", version)
+                        if kind != "BOOKMARK":
+                            self._saw(kind, body)
+                    if self._watch.gone:
+                        break
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.debug("agent %s: cannot follow its peers (%s); again in %.0fs", self.agent.id, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _saw(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        with self._lock:
+            if kind == "DELETED":
+                self._seen.pop(key, None)
+                return
+            try:
+                presence = fleet.parse_lease(body)
+            except ValueError:
+                return
+            before = self._seen.get(key)
+            kept = before is not None and fleet.same_renewal(before.presence, presence)
+            self._seen[key] = fleet.Sighting(presence, before.seen_at if before and kept else utcnow())
 
 
 class PendingOrders:
