@@ -244,7 +244,7 @@ def test_rbac_is_exactly_least_privilege(rendered: list[dict[str, Any]]) -> None
     assert rule_set(find(rendered, "ClusterRole", "workorder-agent")) == {
         (G, "workorders"): read,
         (G, "workorders/status"): {"get", "patch"},
-        ("coordination.k8s.io", "leases"): {"get", "create", "patch", "delete"},
+        ("coordination.k8s.io", "leases"): read | {"create", "patch", "delete"},
     }
     edit = find(rendered, "ClusterRole", "workorder-edit")
     assert rule_set(edit) == {
@@ -481,7 +481,7 @@ def test_agent_role(cluster: Cluster, installed: None, namespace: str) -> None:
     forbidden(client.CoreV1Api(api).list_namespaced_secret, namespace)
     forbidden(client.CoreV1Api(api).read_namespaced_secret, "anything", namespace)
     # Its presence: announce, renew and withdraw its lease (the admission policy, not installed
-    # here, keeps it to its own); never list or watch other agents' leases.
+    # here, keeps it to its own); see its peers' (list, watch) to divide the queue with them.
     leases = client.CoordinationV1Api(api)
     presence = {"metadata": {"name": "workorder-agent-x", "labels": {"workorder.dev/presence": "agent"}},
                 "spec": {"holderIdentity": "x", "leaseDurationSeconds": 30}}  # fmt: skip
@@ -490,7 +490,8 @@ def test_agent_role(cluster: Cluster, installed: None, namespace: str) -> None:
         "workorder-agent-x", namespace, {"spec": {"renewTime": "2026-01-01T00:00:00.000000Z"}}
     )
     leases.read_namespaced_lease("workorder-agent-x", namespace)
-    forbidden(leases.list_namespaced_lease, namespace)
+    assert [lease.metadata.name for lease in leases.list_namespaced_lease(namespace).items] == ["workorder-agent-x"]
+    assert can_watch(leases.list_namespaced_lease, namespace)
     leases.delete_namespaced_lease("workorder-agent-x", namespace)
     forbidden(leases.create_namespaced_lease, "default", presence)
     # Bound in one namespace: nothing elsewhere.

@@ -304,7 +304,11 @@ def test_an_order_no_live_agent_can_take_is_marked_until_one_can(
 PRESENCE_RULES = [
     {"apiGroups": ["workorder.dev"], "resources": ["workorders"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["workorder.dev"], "resources": ["workorders/status"], "verbs": ["get", "patch"]},
-    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch", "delete"]},
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
 ]
 
 
