@@ -241,8 +241,11 @@ class Agent:
         # A claim was detached (left held for a successor to resume): keep the lease on stopping.
         self.left_behind = False
         self.steal_delay = steal_delay
-        # The live agents `run` sees (presence leases in its presence namespace), if it looks.
+        # The live agents `run` sees (presence leases in its presence namespace), if it looks, and
+        # which agent ranks each order first among them (by order uid; for `_owners_of` agents).
         self.peers: Peers | None = None
+        self._owners: dict[str, str | None] = {}
+        self._owners_of: tuple[str, ...] = ()
         # One field manager for all agents of a kind (the SDK's, the plugin's): managedFields stays
         # one entry however many agents write.
         self.orders = WorkOrders(api, field_manager)
@@ -443,7 +446,15 @@ class Agent:
             namespaces=() if self.namespace is None else (self.namespace,), duration=self.lease_duration,
             renew_time=None,
         )  # fmt: skip
-        return fleet.divide(candidates, me, self.peers.live(), utcnow(), self.steal_delay)
+        peers = self.peers.live()
+        seen = tuple(sorted(p.key for p in peers))
+        if seen != self._owners_of:  # another set of agents ranks orders anew
+            self._owners, self._owners_of = {}, seen
+        if len(self._owners) > 4 * len(candidates) + 1024:  # forget orders long gone
+            self._owners = {}
+        # A claim round tries a few of the first candidates (see _spread, _claim_from).
+        return fleet.divide(candidates, me, peers, utcnow(), self.steal_delay, limit=CLAIM_WINDOW_MAX + 1,
+                            owners=self._owners)  # fmt: skip
 
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
         for lost, order in enumerate(self._spread(self._divided(pending.snapshot()))):

@@ -340,19 +340,37 @@ def divide(
     peers: Iterable[Presence],
     now: dt.datetime,
     steal_delay: float = STEAL_DELAY_SECONDS,
+    *,
+    limit: int | None = None,
+    owners: dict[str, str | None] | None = None,
 ) -> list[WorkOrder]:
     """The candidates this agent should try, in the order to try them: of each priority (highest
     first), those it ranks first among the live agents that admit them (itself included), then
     those that have waited longer than `steal_delay` for the agent that ranks them first, so
     nothing waits on a dead or slow agent. Within each group the offer order (oldest first) is
     kept. Agents that see each other thus divide the queue instead of all racing for the oldest
-    order; a backlog is worked by each from its own share until it runs out."""
+    order; a backlog is worked by each from its own share until it runs out.
+
+    `limit`: the most wanted (the rest of the list is not ranked: a claim loop tries a few).
+    `owners`: a cache of each order's first-ranked agent (by uid) for these same agents; the
+    caller empties it when the agents change (an order's spec, hence its ranking, never does)."""
     agents = [me, *(p for p in peers if p.agent.id.lower() != me.agent.id.lower())]
     late = dt.timedelta(seconds=steal_delay)
     mine = me.agent.id.lower()
-    keyed = []
-    for position, order in enumerate(candidates):
-        own = ranked_first(order, agents) == mine
-        if own or now - waiting_since(order) >= late:
-            keyed.append(((-order.spec.priority, not own, position), order))
-    return [order for _, order in sorted(keyed, key=lambda k: k[0])]
+    cache = owners if owners is not None else {}
+    ordered = sorted(candidates, key=lambda o: -o.spec.priority)  # stable: offer order within a priority
+    out: list[WorkOrder] = []
+    stale: list[WorkOrder] = []
+    for k, order in enumerate(ordered):
+        if order.uid not in cache:
+            cache[order.uid] = ranked_first(order, agents)
+        if cache[order.uid] == mine:
+            out.append(order)
+        elif now - waiting_since(order) >= late:
+            stale.append(order)
+        if k + 1 == len(ordered) or ordered[k + 1].spec.priority != order.spec.priority:
+            out.extend(stale)  # the end of a priority: its stale orders after its own
+            stale = []
+        if limit is not None and len(out) >= limit:
+            break
+    return out[:limit] if limit is not None else out
