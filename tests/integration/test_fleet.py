@@ -394,3 +394,35 @@ def test_an_agent_cannot_forge_renew_or_delete_another_agents_presence(
         # Alice's clean stop withdrew her own lease (her identity may).
         with pytest.raises(API_ERRORS):
             client.CoordinationV1Api(cluster.api).read_namespaced_lease(fleet.lease_name(alice.id), namespace)
+
+
+# --- agents divide the queue --------------------------------------------------------------------
+
+
+def test_agents_that_see_each_other_divide_the_queue_and_steal_what_waits_too_long(
+    cluster: Cluster, namespace: str
+) -> None:
+    """A peer announces itself but never takes anything (slow, or about to die): the running agent
+    takes the orders it ranks first at once, and the peer's share only once those waited past the
+    steal delay (2 s), after its own."""
+    worker = Agent(cluster.api, str(uuid.uuid4()), work_types=["split"], namespace=namespace)
+    idle = Agent(cluster.api, str(uuid.uuid4()), work_types=["split"], namespace=namespace)
+    with idle.present():
+        for i in range(12):
+            create_order(cluster.api, namespace, f"s-{i:02d}", workType="split")
+        with holding(worker) as release:
+            release.set()
+            wait_for(lambda: all(read(cluster, namespace, f"s-{i:02d}").status.phase == "Completed"
+                                 for i in range(12)), timeout=60, what="every order completed")  # fmt: skip
+    orders = [read(cluster, namespace, f"s-{i:02d}") for i in range(12)]
+    live = [fleet.parse_lease(fleet.lease_body(a.identity, work_types=["split"], user="", namespaces=[namespace],
+                                               duration=30, now=utcnow())) for a in (worker, idle)]  # fmt: skip
+    own = [o for o in orders if fleet.ranked_first(o, live) == worker.id.lower()]
+    stolen = [o for o in orders if o not in own]
+    assert own and stolen, "12 orders, two agents: each ranks some first"
+    claimed = {o.name: o.status.history[0].claimed_at for o in orders}
+    assert all(o.status.history[0].agent == worker.id for o in orders)
+    assert max(claimed[o.name] for o in own) < min(claimed[o.name] for o in stolen), claimed
+    for o in stolen:
+        waited = (claimed[o.name] - o.created_at).total_seconds()
+        assert waited >= fleet.STEAL_DELAY_SECONDS, f"{o.name} was taken from its agent after {waited:.1f}s"
