@@ -44,6 +44,7 @@ only_mutate = [{only}]
 pytest_add_cli_args_test_selection = ["tests/unit", "--ignore=tests/unit/test_scheduler.py"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
 use_git_change_detection = false
+also_copy = ["crds"]
 """
 
 
@@ -55,7 +56,12 @@ def stage(module: str) -> Path:
     if not staged.exists() or staged.read_bytes() != source.read_bytes():
         # mutmut maps a new function only to new tests: after a source change, collect from all.
         (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-    for origin, copy in ((ROOT / "operator" / PACKAGE, where / "src" / PACKAGE), (ROOT / "tests", where / "tests")):
+    copies = (
+        (ROOT / "operator" / PACKAGE, where / "src" / PACKAGE),
+        (ROOT / "tests", where / "tests"),
+        (ROOT / "crds", where / "crds"),
+    )  # the schema test reads the CRD
+    for origin, copy in copies:
         if copy.exists():
             shutil.rmtree(copy)
         shutil.copytree(origin, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

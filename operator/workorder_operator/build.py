@@ -402,10 +402,8 @@ def buildrun_outcome(buildrun: dict[str, Any]) -> RunOutcome:
     message = condition.get("message") or ""
     # failureDetails says what went wrong in the step (e.g. GitRemotePrivate), the better message.
     details = status.get("failureDetails")
-    if isinstance(details, dict) and (details.get("reason") or details.get("message")):
-        error = _reason_message(details.get("reason") or reason, details.get("message") or message, "BuildRun failed")
-    else:
-        error = _reason_message(reason, message, "BuildRun failed")
+    details = details if isinstance(details, dict) else {}
+    error = _reason_message(details.get("reason") or reason, details.get("message") or message)
     # Classify by the Succeeded condition's reason, not failureDetails.reason: the condition's
     # reason is Shipwright's fixed vocabulary for the run as a whole, while failureDetails.reason is
     # a step-level detail any strategy may set. Reasons we do not know are retried: maxRetries
@@ -413,7 +411,7 @@ def buildrun_outcome(buildrun: dict[str, Any]) -> RunOutcome:
     return RunOutcome(finished=True, succeeded=False, result="", error=error, retryable=reason not in PERMANENT_REASONS)
 
 
-def _reason_message(reason: Any, message: Any, fallback: str) -> str:
+def _reason_message(reason: Any, message: Any, fallback: str = "BuildRun failed") -> str:
     reason = reason if isinstance(reason, str) else ""
     message = message if isinstance(message, str) else ""
     if reason and message:

@@ -117,7 +117,7 @@ async def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, logger: k
     state.tasks.append(asyncio.create_task(engine.resync_forever(ours.resync_seconds)))
     metrics.track_engine(engine.tracked_orders, lambda: len(engine.scheduler))
     if ours.metrics_port:
-        state.metrics = await metrics.serve(ours.metrics_port, lambda: state.ready)
+        state.metrics = await metrics.serve(ours.metrics_port, lambda: state.ready, ours.metrics_address)
     # Every replica watches (its cache stays warm for a fast takeover); only the leader acts.
     if election is None:
         await _lead(state, executors)

@@ -573,24 +573,26 @@ def story(old: WorkOrder, new: WorkOrder) -> list[Note]:
     o, n = old.status, new.status
     if o.phase == n.phase and o.attempt == n.attempt:
         return []
-    told: list[tuple[int, int, Note]] = []  # (attempt, claim 0 / finish 1, note): told in order
+    # (attempt, note), told by attempt; an attempt's claim is appended before its end, and the
+    # sort is stable, so the claim comes first.
+    told: list[tuple[int, Note]] = []
     # A fast agent may have claimed and finished more than once between two versions we saw.
     for a in range(max(o.attempt + 1, n.attempt - 2), n.attempt + 1):
-        told.append((a, 0, Note("Normal", "Claim", f"attempt {a} claimed by {_claimer(new, a)}")))
+        told.append((a, Note("Normal", "Claim", f"attempt {a} claimed by {_claimer(new, a)}")))
     seen = old.raw_status.get("history") or []
     finished = [h for h in new.raw_status.get("history") or [] if h not in seen]
     ended = n.phase not in (None, Phase.CLAIMED) and (n.attempt > o.attempt or o.phase == Phase.CLAIMED)
-    if ended and n.attempt > 0 and not any(h.get("attempt") == n.attempt for h in finished):
+    if ended and not any(h.get("attempt") == n.attempt for h in finished):
         # A minimal agent keeps no history: the phase it wrote says how the attempt ended.
         outcome = {Phase.COMPLETED: Outcome.SUCCEEDED, Phase.PENDING: Outcome.RELEASED}.get(n.phase, Outcome.FAILED)  # type: ignore[arg-type]
         agent = o.claimed_by if o.attempt == n.attempt else n.claimed_by
         finished.append({"attempt": n.attempt, "agent": agent, "outcome": str(outcome)})
-    last = n.attempt if n.phase != Phase.CLAIMED else -1
+    last = n.attempt  # no attempt in history is the one a Claimed order still runs
     for h in finished:
-        a, agent, message = int(h.get("attempt") or 0), h.get("agent") or "?", h.get("message") or ""
+        a, agent, message = int(h["attempt"]), h.get("agent") or "?", h.get("message") or ""  # attempt: required
         outcome = h.get("outcome")
         if outcome == Outcome.SUCCEEDED:
-            result = new.raw_status.get("result") if a == last else None
+            result = new.raw_status.get("result")  # only the last attempt can have succeeded
             note = Note("Normal", "Complete", f"attempt {a} completed by agent {agent}"
                         + (f": result {result}" if result else ""))  # fmt: skip
         elif outcome == Outcome.FAILED:
@@ -609,8 +611,8 @@ def story(old: WorkOrder, new: WorkOrder) -> list[Note]:
             note = Note(
                 "Normal", "Release", f"attempt {a} released by agent {agent}" + (f": {message}" if message else "")
             )
-        told.append((a, 1, note))
-    notes = [note for _, _, note in sorted(told, key=lambda t: (t[0], t[1]))]
+        told.append((a, note))
+    notes = [note for _, note in sorted(told, key=lambda t: t[0])]
     if o.attempt == n.attempt:
         if o.phase == Phase.RETRY_PENDING and n.phase == Phase.PENDING:
             notes.append(Note("Normal", "Due", f"retry {n.retry_count} of {new.spec.max_retries} due: "

@@ -46,6 +46,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port (0: off)"
     )
+    parser.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address the metrics port listens on (default 127.0.0.1: this machine only; in a pod: 0.0.0.0)",
+    )
     ha = parser.add_argument_group("high availability (a Lease elects the one replica that acts)")
     ha.add_argument("--no-leader-election", action="store_true", help="act at once, alone (a single replica)")
     ha.add_argument(
@@ -57,7 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     fleet = parser.add_argument_group("fleet (agents announce themselves with presence Leases)")
     fleet.add_argument(
         "--presence-namespace",
-        help="where the operator's own agents announce themselves with --all-namespaces "
+        help="where the operator's own agents (the build agent) announce themselves "
         "(default: the leader election namespace)",
     )
     fleet.add_argument(
@@ -97,6 +102,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         concurrency=args.concurrency,
         namespaces=tuple(args.namespace),
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
         lease=None if args.no_leader_election else LeaseConfig(args.leader_election_namespace,
                                                                args.leader_election_name),
         presence_namespace=args.presence_namespace or args.leader_election_namespace,

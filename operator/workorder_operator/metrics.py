@@ -104,7 +104,7 @@ def track_engine(orders: Callable[[], Iterable[WorkOrder]], armed: Callable[[], 
     REGISTRY.register(EngineState(orders, armed))
 
 
-async def serve(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> web.AppRunner:
+async def serve(port: int, ready: Callable[[], bool], host: str) -> web.AppRunner:
     """/metrics, /healthz (the process answers) and /readyz (started and watching)."""
 
     async def metrics(_: web.Request) -> web.Response:

@@ -43,6 +43,9 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     # Port of /metrics, /healthz and /readyz; 0: not served.
     metrics_port: int = 0
+    # Address it listens on: this machine only unless asked (a pod asks for 0.0.0.0, so the
+    # kubelet's probes and Prometheus reach it).
+    metrics_address: str = "127.0.0.1"
     # Leader election; None: no election, this replica acts at once (a single replica).
     lease: LeaseConfig | None = None
     # This replica's name (the Lease holder, the user agent in audit logs).
@@ -50,8 +53,8 @@ class Settings:
     # How often every replica lists what exists (metadata only) to forget orders deleted while
     # its watch was down.
     resync_seconds: float = 300.0
-    # Where the operator's own agents (the built-in build agent) announce themselves when they
-    # take orders in every namespace (fleet.py; a namespaced agent announces itself in its namespace).
+    # Where the operator's own agents (the built-in build agent) announce themselves (fleet.py),
+    # naming the namespaces they take orders in.
     presence_namespace: str = "default"
     # Seconds past an agent's presence lease term before the operator calls it lost and expires
     # its claims (a renewal on its way, a late watch event).

@@ -391,7 +391,9 @@ def test_without_shipwright_build_orders_wait_then_run_once_it_is_installed(
     )
     try:
         op.start()
-        build_order(cluster, namespace, "waits", KANIKO_BUILD.format(name="waits-build"))
+        # backoffSeconds 1: if the agent takes the order in the moment the reinstalled CRDs are in
+        # discovery but not served yet (a 404, a retryable failure), its next attempt runs at once.
+        build_order(cluster, namespace, "waits", KANIKO_BUILD.format(name="waits-build"), backoffSeconds=1)
 
         def marked() -> WorkOrder | None:
             o = order_of(cluster, namespace, "waits")
@@ -412,7 +414,16 @@ def test_without_shipwright_build_orders_wait_then_run_once_it_is_installed(
     finally:
         plane.start_shipwright()  # reinstalls the CRDs first
     try:
-        run = run_build(cluster, namespace, "waits", create=False)
+
+        def running_attempt() -> int | None:
+            o = order_of(cluster, namespace, "waits")
+            if o.status.phase != "Claimed":
+                return None
+            started = get(cluster, namespace, BUILDRUNS, buildrun_name("waits", o.status.attempt))
+            return o.status.attempt if started else None
+
+        attempt = wait_for(running_attempt, timeout=60, what="an attempt of waits to run its BuildRun")
+        run = run_build(cluster, namespace, "waits", attempt=attempt, create=False)
         run.tekton.succeed(run.taskrun, DIGEST, SIZE)
         wait_for(lambda: phase(cluster, namespace, "waits", "Completed"), timeout=30)
     finally:

@@ -41,7 +41,7 @@ G, V, P = "workorder.dev", "v1alpha1", "workorders"
 SW, SWV = "shipwright.io", "v1beta1"
 # What the module fixture creates for real; the rest of the installation is only dry-run.
 APPLIED_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-ARGS = ["--all-namespaces", "--metrics-port=8080", "--log-format=json"]
+ARGS = ["--all-namespaces", "--metrics-port=8080", "--metrics-address=0.0.0.0", "--log-format=json"]
 LABELS = {"app.kubernetes.io/name": "workorder-operator", "app.kubernetes.io/component": "operator"}
 
 BUILD = {

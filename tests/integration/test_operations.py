@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +15,17 @@ from tests.support import Agent, OperatorProcess, create_order, leader_of, repli
 from workorder_operator.leader import LeaseConfig
 
 
+def listening_on(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at `port` (from /proc/net/tcp: state 0A is LISTEN)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(str(ipaddress.IPv4Address(bytes.fromhex(address)[::-1])))
+    return found
+
+
 def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     port = free_port()
     op = OperatorProcess(
@@ -23,6 +35,8 @@ def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path:
     try:
         op.start()
         assert scrape(port, "/healthz")[0] == 200
+        # By default only this machine can reach it (a pod asks for 0.0.0.0 with --metrics-address).
+        assert listening_on(port) == {"127.0.0.1"}
         wait_for(lambda: scrape(port, "/readyz")[0] == 200, timeout=10, what="readiness")
         wait_for(lambda: sample(scrape(port)[1], "workorder_leader") == 1, timeout=10, what="leadership")
         a = Agent(cluster.api, str(uuid.uuid4()))

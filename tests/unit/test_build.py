@@ -763,6 +763,9 @@ def test_started_once_shipwright_writes_a_succeeded_condition() -> None:
     assert not buildrun_started(buildrun({"conditions": [{"type": "Ready", "status": "True"}]}))
     for status in ("Unknown", "True", "False"):
         assert buildrun_started(buildrun({"conditions": [succeeded(status, "Running")]}))
+    # Whatever else someone wrote into a BuildRun's status: not started, and no crash.
+    for garbage in (["conditions"], "Running", 7):
+        assert not buildrun_started({"status": garbage})
 
 
 def test_not_started_is_ours_and_retryable() -> None:

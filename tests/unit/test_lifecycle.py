@@ -1045,6 +1045,8 @@ def test_conditions_are_true_only_when_every_one_says_the_phase() -> None:
     done = failed()
     assert lc.conditions_true(read(done))
     assert not lc.conditions_true(read(conditions_of(done, Stalled={"status": "False"})))
+    # The REASON column (status.reason) must say what the Succeeded condition says.
+    assert not lc.conditions_true(read(with_status(body, reason="Pending")))
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.orders import order_body
-from workorder_operator.model import WorkOrder, format_time, parse_time
+from workorder_operator.model import Status, WorkOrder, format_time, parse_time, utcnow
+from workorder_operator.model import order_body as new_order
 
 
 @pytest.fixture
@@ -49,3 +50,30 @@ def test_metadata_the_api_may_omit_reads_with_defaults() -> None:
     order = WorkOrder.from_body(body)
     assert (order.namespace, order.resource_version, order.generation) == ("", "", 1)
     assert order.key == "/wo-1"
+
+
+def test_now_is_aware_utc() -> None:
+    assert utcnow().utcoffset() == dt.timedelta(0)
+
+
+def test_a_new_order_body_is_what_the_api_takes() -> None:
+    assert new_order("wo-1", namespace="team-a", workType="build", yamlContent="x: 1", maxRetries=0) == {
+        "apiVersion": "workorder.dev/v1alpha1",
+        "kind": "WorkOrder",
+        "metadata": {"name": "wo-1", "namespace": "team-a"},
+        "spec": {"workType": "build", "yamlContent": "x: 1", "maxRetries": 0},
+    }
+    # No name: the API server makes one (kubectl create's habit); no namespace: the client's own.
+    assert new_order(workType="test")["metadata"] == {"generateName": "workorder-"}
+    assert new_order(generate_name="nightly-", workType="test")["metadata"] == {"generateName": "nightly-"}
+
+
+def condition(type_: str, status: str) -> dict[str, str]:
+    return {"type": type_, "status": status, "reason": "R", "message": "", "lastTransitionTime": "2024-05-01T12:00:00Z"}
+
+
+def test_a_condition_is_found_by_its_type() -> None:
+    status = Status.model_validate({"conditions": [condition("Ready", "True"), condition("Succeeded", "Unknown")]})
+    found = status.condition("Succeeded")
+    assert found is not None and found.status == "Unknown"
+    assert status.condition("Stalled") is None

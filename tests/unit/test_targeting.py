@@ -98,6 +98,15 @@ def test_anything_else_is_refused_naming_the_field(bad: str) -> None:
         check_agent_id(bad, "--id")
 
 
+def test_the_refusal_says_how_to_make_a_uuid() -> None:
+    with pytest.raises(ValueError) as refused:
+        check_agent_id("build-bot")
+    assert str(refused.value) == (
+        "agent id 'build-bot' is not a UUID (agent ids are UUIDs, e.g. 6f1c2a4e-8d3b-4f7a-9e21-5c0b7d9a1e34; "
+        "uuidgen or cat /proc/sys/kernel/random/uuid makes one)"
+    )
+
+
 def test_the_sdk_and_the_operator_refuse_a_non_uuid_agent_id() -> None:
     with pytest.raises(ValueError, match=r"^Agent id 'build-bot' is not a UUID"):
         Agent(None, "build-bot")  # type: ignore[arg-type]
