@@ -168,10 +168,13 @@ class OperatorProcess:
         *args: str,
         identity: str | None = None,
         command: tuple[str, ...] = ("-m", "workorder_operator.main"),
+        ready: bytes = b"workorder engine started",
     ) -> None:
         self.kubeconfig = kubeconfig
-        # What the Python interpreter runs: the operator's module, or a script that embeds it.
+        # What the Python interpreter runs: the operator's module, or a script that embeds it (or
+        # another of our commands that takes --kubeconfig), and the log line that says it is up.
         self.command = command
+        self.ready = ready
         self.log_path = log_path
         self.args = args
         # The leader-election identity survives restarts, as a pod's name does.
@@ -180,7 +183,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         # A restart appends to the same log: wait for a start line after what is there now.
-        seen = self.log_path.read_bytes().count(b"workorder engine started") if self.log_path.exists() else 0
+        seen = self.log_path.read_bytes().count(self.ready) if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             [sys.executable, *self.command, "--kubeconfig", str(self.kubeconfig), *self.args],
@@ -191,9 +194,7 @@ class OperatorProcess:
         )
         log.close()
         try:
-            wait_for(
-                lambda: self.log_path.read_bytes().count(b"workorder engine started") > seen, 30, what="operator start"
-            )
+            wait_for(lambda: self.log_path.read_bytes().count(self.ready) > seen, 30, what=f"{self.ready!r} logged")
         except BaseException:
             self.stop()  # never leave a half-started operator behind
             raise

@@ -22,23 +22,37 @@ The claim is renewed throughout; if it is lost (expired and re-claimed, or the o
 BuildRun is cancelled (`cancel`). While the cluster has no Shipwright API, build orders are not
 claimed (`waiting`): each gets a Warning event and a condition saying so, and they run once
 Shipwright is installed.
+
+Hub and spoke: the orders may live in one cluster (the hub: claims, status, events) and the
+builds run in another (the spoke, this agent's own). The Builds and BuildRuns then carry the
+order's uid label and the hub's name instead of an owner reference (`shipwright.Ownership`), and
+`sweep` deletes those whose order the hub no longer has, as garbage collection does in one cluster.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 from workorder_operator import build, metrics
 from workorder_operator.agent import Claim
-from workorder_operator.errors import Conflict, Failure, NotFound, Refused
+from workorder_operator.errors import Conflict, Failure, NotFound, Refused, WorkOrderError
 from workorder_operator.executor import AgentConfig, Interrupted, Waiting
 from workorder_operator.kube import ApiClient, post_event
 from workorder_operator.model import WorkOrder
-from workorder_operator.shipwright import BUILDRUNS, BUILDS, NotOurs, Shipwright
+from workorder_operator.shipwright import (
+    BUILDRUNS,
+    BUILDS,
+    ORDER_NAME_ANNOTATION,
+    ORDER_UID_LABEL,
+    NotOurs,
+    Ownership,
+    Shipwright,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +67,18 @@ WAITING_MESSAGE = (
     "the cluster has no Shipwright Build API (shipwright.io/v1beta1); the build agent takes this order "
     "once Shipwright is installed"
 )
+
+
+def add_options(group: argparse._ArgumentGroup) -> None:
+    """The build agent's knobs, the same for the operator's built-in agent and workorder-build-agent."""
+    group.add_argument("--build-concurrency", type=int, default=4, help="builds run at once (default 4)")
+    group.add_argument(
+        "--build-registration-timeout", type=float, default=300.0, help="seconds to wait for a Build to register"
+    )
+    group.add_argument(
+        "--buildrun-start-timeout", type=float, default=300.0,
+        help="seconds to wait for a BuildRun to start before cancelling it (retryable BuildRunNotStarted)",
+    )  # fmt: skip
 
 
 def build_agent_config(**overrides: Any) -> AgentConfig:
@@ -73,8 +99,14 @@ class BuildExecutor:
         *,
         registration_timeout: float = 300.0,
         buildrun_start_timeout: float = 300.0,
+        spoke: ApiClient | None = None,
+        hub: str | None = None,
     ) -> None:
-        self.shipwright = Shipwright(api, field_manager)
+        """`api`: the cluster of the orders (claims, status, events). `spoke`: the cluster the
+        builds run in when it is another one; `hub` then names the orders' cluster on its objects."""
+        if (spoke is None) != (hub is None):
+            raise ValueError("a spoke cluster needs the hub's name, and only a spoke does")
+        self.shipwright = Shipwright(spoke or api, field_manager, Ownership(hub))
         # Without a running Shipwright controller nothing registers a Build: do not hold a claim forever.
         self.registration_timeout = registration_timeout
         # Nor for a BuildRun nothing starts (no Tekton, no ServiceAccount, a stuck Shipwright).
@@ -107,6 +139,39 @@ class BuildExecutor:
         self.shipwright.cancel_buildrun(claim.order, claim.attempt, name)
         metrics.BUILD_OUTCOMES.labels("claim-lost").inc()
 
+    def sweep(self, live_uids: Callable[[str], set[str]], namespaces: Sequence[str] = ()) -> int:
+        """In a spoke: delete the Builds and BuildRuns (and through them Shipwright's TaskRuns) of
+        orders the hub no longer has; how many. `live_uids(namespace)`: the uids of the hub's
+        orders there; when it fails, nothing in that namespace is deleted. The spoke's objects are
+        listed before the hub's orders, and an agent creates objects only for an order it has
+        claimed, so an object made meanwhile is never taken for an orphan."""
+        marked = [
+            (plural, obj)
+            for plural in (BUILDRUNS, BUILDS)
+            for namespace in namespaces or (None,)
+            for obj in self.shipwright.marked(plural, namespace)
+        ]
+        live: dict[str, set[str] | None] = {}
+        deleted = 0
+        for plural, obj in marked:
+            meta = obj["metadata"]
+            namespace = meta["namespace"]
+            if namespace not in live:
+                try:
+                    live[namespace] = live_uids(namespace)
+                except WorkOrderError as exc:
+                    log.warning("cannot list the hub's orders in namespace %s (%s); keeping its builds", namespace, exc)
+                    live[namespace] = None
+            uids = live[namespace]
+            if uids is None or meta["labels"][ORDER_UID_LABEL] in uids:
+                continue
+            if self.shipwright.delete(plural, obj):
+                deleted += 1
+                log.info("%s/%s: deleted %s %s: its order (uid %s) is gone from the hub", namespace,
+                         meta["annotations"].get(ORDER_NAME_ANNOTATION), plural[:-1], meta["name"],
+                         meta["labels"][ORDER_UID_LABEL])  # fmt: skip
+        return deleted
+
     # --- one attempt ----------------------------------------------------------------------------
 
     def _attempt(self, claim: Claim, stopped: Callable[[], bool]) -> str:
@@ -121,6 +186,11 @@ class BuildExecutor:
             except NotOurs as exc:
                 raise self._refused(order, f"{BUILD_NAME_TAKEN}: {exc}") from None
             except NotFound as exc:
+                if exc.details.get("kind") == "namespaces":
+                    # A spoke runs builds in the namespace of the order's name: it may not have one.
+                    raise Failure(
+                        f"namespace {order.namespace!r} does not exist in the cluster the builds run in", retryable=True
+                    ) from None
                 # The Build resource itself is not served (yet): Shipwright's CRDs were just
                 # (re)installed or removed. Discovery said it was there, so try again later.
                 raise Failure(f"the Build API is not served yet: {exc}", retryable=True) from None

@@ -92,10 +92,14 @@ class AgentConfig:
     namespaces: tuple[str, ...] = ()
     # How often to ask `Executor.waiting` again while it says nothing can run.
     discovery_interval: float = 5.0
-    # Where the agent announces itself when it takes orders in every namespace (None: `default`),
-    # and its presence lease's term (fleet.py).
+    # Where the agent announces itself (None: its namespace, else `default`), and its presence
+    # lease's term (fleet.py).
     presence_namespace: str | None = None
     lease_duration: float = fleet.LEASE_SECONDS
+    # Whether waiting orders are told why (a condition and an event). An agent in a spoke cluster
+    # does not: another spoke may well run them, and the hub's admission policy allows agents
+    # only the claim transitions.
+    mark_waiting: bool = True
 
 
 class ExecutorAgent:
@@ -159,7 +163,11 @@ class ExecutorAgent:
                     log.info("%s agent %s taking %s orders", self.work_type, self.agent.id, self.work_type)
                     self._run_agents()
                     return
-                self._mark_waiting(waiting)
+                if self.config.mark_waiting:
+                    self._mark_waiting(waiting)
+                else:
+                    log.warning("%s agent: %s; looking again in %.0fs", self.work_type, waiting.message,
+                                self.config.discovery_interval)  # fmt: skip
             except WorkOrderError as exc:  # the API server is away, or refuses
                 log.warning("%s agent: %s; starting again in %.0fs", self.work_type, exc,
                             self.config.discovery_interval)  # fmt: skip

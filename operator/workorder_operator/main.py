@@ -16,6 +16,7 @@ except ImportError as exc:  # the base install is the SDK and CLI only: say what
 
 from workorder_operator import handlers
 from workorder_operator.buildagent import DEFAULT_AGENT_ID, BuildExecutor, build_agent_config
+from workorder_operator.buildagent import add_options as add_build_options
 from workorder_operator.executor import AgentConfig, Executor, ExecutorAgent, Executors
 from workorder_operator.kube import OPERATOR_MANAGER, api_client
 from workorder_operator.settings import LeaseConfig, Settings
@@ -84,14 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     build.add_argument("--build-agent-label", action="append", help="its labels (repeatable; default: shipwright)")
     build.add_argument("--build-agent-annotation", action="append", default=[], help="its annotations KEY=VALUE")
-    build.add_argument("--build-concurrency", type=int, default=4, help="builds run at once (default 4)")
-    build.add_argument(
-        "--build-registration-timeout", type=float, default=300.0, help="seconds to wait for a Build to register"
-    )
-    build.add_argument(
-        "--buildrun-start-timeout", type=float, default=300.0,
-        help="seconds to wait for a BuildRun to start before cancelling it (retryable BuildRunNotStarted)",
-    )  # fmt: skip
+    add_build_options(build)
     return parser.parse_args(argv)
 
 

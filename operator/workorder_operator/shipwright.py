@@ -1,12 +1,20 @@
 """Adapter for the Shipwright Build API (shipwright.io/v1beta1): Builds, BuildRuns, discovery.
 
-Raises the error tree (`kube.translated` maps every API answer), never `ApiException`."""
+Raises the error tree (`kube.translated` maps every API answer), never `ApiException`.
+
+Whose a Build or BuildRun is (`Ownership`): in the order's own cluster an owner reference to the
+WorkOrder, so garbage collection deletes it with the order. In a spoke cluster (the order lives
+in the hub) an owner reference cannot work: garbage collection is per cluster, and the spoke's
+would delete an object whose owner it cannot find. There the order's uid label and the hub's name
+in an annotation say whose it is, and the agent deletes what belongs to orders the hub no longer
+has (`marked`, `delete`; the build agent's sweep)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, watch
@@ -34,13 +42,9 @@ class NotOurs(Refused):
     attempt, a person): it is never taken over, changed or reported as ours."""
 
 
-def owned_by(obj: dict[str, Any], order: WorkOrder) -> bool:
-    return any(ref.get("uid") == order.uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
-
-
-def _owners(obj: dict[str, Any]) -> str:
-    refs = obj.get("metadata", {}).get("ownerReferences") or []
-    return ", ".join(f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in refs) or "no owner"
+# In a spoke: the hub the order lives in, and the order's whole name (the label is cut to fit).
+HUB_ANNOTATION = "workorder.dev/hub"
+ORDER_NAME_ANNOTATION = "workorder.dev/order-name"
 
 
 def owner_reference(order: WorkOrder) -> dict[str, Any]:
@@ -49,11 +53,58 @@ def owner_reference(order: WorkOrder) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "name": order.name, "uid": order.uid}
 
 
+@dataclass(frozen=True)
+class Ownership:
+    """How a Build or BuildRun says which order it belongs to (module docstring).
+
+    `hub` None: the order is in this cluster (an owner reference). Otherwise the name of the hub
+    the order lives in: the `workorder.dev/order-uid` label and the `workorder.dev/hub`
+    annotation, both required to match, so an agent never takes an object of another hub's
+    order (or a person's) for its own."""
+
+    hub: str | None = None
+
+    def mark(self, metadata: dict[str, Any], order: WorkOrder) -> dict[str, Any]:
+        """`metadata` with this order's mark added (the caller's labels and annotations kept)."""
+        if self.hub is None:
+            return {**metadata, "ownerReferences": [owner_reference(order)]}
+        return {
+            **metadata,
+            "labels": {**(metadata.get("labels") or {}), ORDER_UID_LABEL: order.uid},
+            "annotations": {
+                **(metadata.get("annotations") or {}), HUB_ANNOTATION: self.hub, ORDER_NAME_ANNOTATION: order.name,
+            },
+        }  # fmt: skip
+
+    def owns(self, obj: dict[str, Any], order: WorkOrder) -> bool:
+        meta = obj.get("metadata", {})
+        if self.hub is None:
+            return any(ref.get("uid") == order.uid for ref in meta.get("ownerReferences") or [])
+        return self.ours(obj) and (meta.get("labels") or {}).get(ORDER_UID_LABEL) == order.uid
+
+    def ours(self, obj: dict[str, Any]) -> bool:
+        """Marked by an agent of this hub (spoke only), for whichever order."""
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        return self.hub is not None and annotations.get(HUB_ANNOTATION) == self.hub
+
+    def describe(self, obj: dict[str, Any]) -> str:
+        """Whose the object says it is, for messages."""
+        meta = obj.get("metadata", {})
+        refs = meta.get("ownerReferences") or []
+        owners = [f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in refs]
+        uid = (meta.get("labels") or {}).get(ORDER_UID_LABEL)
+        if self.hub is not None and uid:
+            hub = (meta.get("annotations") or {}).get(HUB_ANNOTATION) or "no hub"
+            owners.append(f"order uid {uid} of hub {hub}")
+        return ", ".join(owners) or "no owner"
+
+
 class Shipwright:
-    def __init__(self, api: client.ApiClient, field_manager: str) -> None:
+    def __init__(self, api: client.ApiClient, field_manager: str, ownership: Ownership | None = None) -> None:
         self.api = api
         self.objects = client.CustomObjectsApi(api)
         self.field_manager = field_manager
+        self.ownership = ownership or Ownership()
 
     def installed(self) -> bool:
         """Whether the cluster serves shipwright.io/v1beta1 (discovery, not a guess from errors)."""
@@ -71,14 +122,7 @@ class Shipwright:
         A Build of that name that the order did not create raises NotOurs and is left untouched:
         an order can never take over (or, through garbage collection, delete) someone's Build."""
         name = build["metadata"]["name"]
-        body = {
-            **build,
-            "metadata": {
-                **build["metadata"],
-                "namespace": order.namespace,
-                "ownerReferences": [owner_reference(order)],
-            },
-        }
+        body = {**build, "metadata": self.ownership.mark({**build["metadata"], "namespace": order.namespace}, order)}
         existing = self.get(BUILDS, order.namespace, name)
         if existing is None:
             created = self._create(BUILDS, order.namespace, body)
@@ -87,10 +131,10 @@ class Shipwright:
             existing = self.get(BUILDS, order.namespace, name)  # created by someone else meanwhile
             if existing is None:
                 raise NotOurs(f"Build {name!r} was created and deleted by someone else while we created it")
-        if not owned_by(existing, order):
+        if not self.ownership.owns(existing, order):
             raise NotOurs(
                 f"Build {name!r} already exists in namespace {order.namespace!r} and is not this order's "
-                f"(owned by {_owners(existing)}); rename the Build in yamlContent"
+                f"(owned by {self.ownership.describe(existing)}); rename the Build in yamlContent"
             )
         try:
             # No force: if someone else has since changed a field we set, refuse rather than overwrite.
@@ -139,14 +183,13 @@ class Shipwright:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "BuildRun",
-            "metadata": {
+            "metadata": self.ownership.mark({
                 "name": name,
                 "namespace": order.namespace,
                 "labels": {
                     ORDER_LABEL: label_value(order.name), ORDER_UID_LABEL: order.uid, ATTEMPT_LABEL: str(attempt),
                 },
-                "ownerReferences": [owner_reference(order)],
-            },
+            }, order),
             "spec": {"build": {"name": build_name}},
         }  # fmt: skip
         created = self._create(BUILDRUNS, order.namespace, body)
@@ -156,10 +199,10 @@ class Shipwright:
         if existing is None:  # deleted between our create and get: try once more
             return self.ensure_buildrun(order, attempt, name, build_name)
         labels = existing["metadata"].get("labels") or {}
-        if not owned_by(existing, order) or labels.get(ATTEMPT_LABEL) != str(attempt):
+        if not self.ownership.owns(existing, order) or labels.get(ATTEMPT_LABEL) != str(attempt):
             raise NotOurs(
                 f"BuildRun {name!r} already exists and is not attempt {attempt} of this order "
-                f"(owned by {_owners(existing)}, attempt label {labels.get(ATTEMPT_LABEL)!r})"
+                f"(owned by {self.ownership.describe(existing)}, attempt label {labels.get(ATTEMPT_LABEL)!r})"
             )
         return existing
 
@@ -169,7 +212,7 @@ class Shipwright:
         for _ in range(3):
             run = self.get(BUILDRUNS, order.namespace, name)
             labels = (run or {}).get("metadata", {}).get("labels") or {}
-            if run is None or not owned_by(run, order) or labels.get(ATTEMPT_LABEL) != str(attempt):
+            if run is None or not self.ownership.owns(run, order) or labels.get(ATTEMPT_LABEL) != str(attempt):
                 return False  # gone already (garbage-collected with its order), or not ours
             patch = {"metadata": {"resourceVersion": run["metadata"]["resourceVersion"]},
                      "spec": {"state": "BuildRunCanceled"}}  # fmt: skip
@@ -186,6 +229,41 @@ class Shipwright:
             except Conflict:
                 continue
         return False
+
+    def marked(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every Build or BuildRun an agent of this hub made (spoke only), in `namespace` or all."""
+        if self.ownership.hub is None:
+            return []
+        found: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": ORDER_UID_LABEL, "limit": 500, "_request_timeout": timeout()}
+            if token:
+                kwargs["_continue"] = token
+            with translated():
+                if namespace:
+                    page = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, **kwargs)
+                else:
+                    page = self.objects.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+            found += [obj for obj in page.get("items") or [] if self.ownership.ours(obj)]
+            token = (page.get("metadata") or {}).get("continue") or ""
+            if not token:
+                return found
+
+    def delete(self, plural: str, obj: dict[str, Any]) -> bool:
+        """Delete exactly this object (preconditions: its uid and resourceVersion), so one that was
+        replaced or changed since it was read is left alone; whether it was deleted."""
+        meta = obj["metadata"]
+        options = {"preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
+                   "propagationPolicy": "Background"}  # fmt: skip
+        try:
+            with translated():
+                self.objects.delete_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], plural, meta["name"], body=options, _request_timeout=timeout()
+                )
+        except (NotFound, Conflict):
+            return False
+        return True
 
     def wait_for(
         self,

@@ -220,7 +220,7 @@ def test_base_renders_the_whole_installation(rendered: list[dict[str, Any]]) -> 
 
 
 def test_every_rbac_rule_says_why() -> None:
-    for path in sorted((DEPLOY / "base").glob("rbac-*.yaml")):
+    for path in sorted([*(DEPLOY / "base").glob("rbac-*.yaml"), *(DEPLOY / "agent").rglob("rbac.yaml")]):
         lines = path.read_text().splitlines()
         starts = [i for i, line in enumerate(lines) if re.match(r"^\s*- apiGroups:", line)]
         assert starts, f"no rules found in {path.name}"
@@ -271,6 +271,23 @@ def test_rbac_is_exactly_least_privilege(rendered: list[dict[str, Any]]) -> None
         binding = find(rendered, kind, name)
         assert binding["subjects"] == [subject]
         assert binding["roleRef"]["name"] == name
+
+
+def test_spoke_build_agent_rbac_is_exactly_least_privilege() -> None:
+    """deploy/agent (the spoke) and deploy/agent/hub (its role in the hub): nothing beyond the builds."""
+    spoke = render(DEPLOY / "agent")
+    # delete: no owner reference reaches the hub's order, so the agent itself deletes orphans.
+    verbs = {"get", "list", "watch", "create", "patch", "delete"}
+    role = find(spoke, "ClusterRole", "workorder-build-agent")
+    assert rule_set(role) == {(SW, "builds"): verbs, (SW, "buildruns"): verbs}
+    binding = find(spoke, "ClusterRoleBinding", "workorder-build-agent")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "workorder-build-agent", "namespace": SYSTEM_NS}]
+    assert {o["kind"] for o in spoke if o["kind"].endswith("Role")} == {"ClusterRole"}
+    deployment = find(spoke, "Deployment", "workorder-build-agent")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "workorder-build-agent"
+    hub = render(DEPLOY / "agent" / "hub")
+    assert [o["kind"] for o in hub] == ["ClusterRole"]
+    assert rule_set(find(hub, "ClusterRole", "workorder-agent-events")) == {("", "events"): {"create"}}
 
 
 def test_deployment_service_and_disruption_budget(rendered: list[dict[str, Any]]) -> None:

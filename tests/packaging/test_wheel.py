@@ -43,7 +43,10 @@ def test_base_install_for_agent_authors_and_the_operator_extra(wheel: Path, tmp_
     assert run(bin_ / "python", "-c", "import devcluster", check=False).returncode != 0
     operator = run(bin_ / "workorder-operator", "--help", check=False)
     assert operator.returncode != 0 and "pip install 'workorder-operator[operator]'" in operator.stderr
+    build_agent = run(bin_ / "workorder-build-agent", "--help", check=False)
+    assert build_agent.returncode != 0 and "pip install 'workorder-operator[operator]'" in build_agent.stderr
     # The extra adds what the operator needs, and only that.
     run(*pip, f"{wheel}[operator]")
     assert "usage: workorder-operator" in run(bin_ / "workorder-operator", "--help").stdout
+    assert "--hub-kubeconfig" in run(bin_ / "workorder-build-agent", "--help").stdout
     assert "cryptography==" not in run(bin_ / "pip", "list", "--format=freeze").stdout.lower()
