@@ -5,7 +5,7 @@
 #   tools/flake-check.sh unit 20 --hog     # the unit suite 20 times under a CPU hog
 #   tools/flake-check.sh integration 3     # the integration suite 3 times in a row
 #
-# Each run uses a new pytest-randomly seed (printed in its output, replay with -p randomly --randomly-seed=N).
+# Each run uses a new pytest-randomly seed (printed; replay with -p randomly --randomly-seed=N).
 # Prints one line per run and the count of green runs; exits non-zero if any run failed.
 set -uo pipefail
 
@@ -38,13 +38,15 @@ if [[ $hog == --hog ]]; then prio=(nice -n 19); fi
 green=0
 for i in $(seq "$runs"); do
 	log=$(mktemp)
-	if PATH=$bin:$PATH "${prio[@]}" "$bin/pytest" -q -p randomly "tests/$suite" >"$log" 2>&1; then
+	seed=$((RANDOM * 32768 + RANDOM))
+	if PATH=$bin:$PATH "${prio[@]}" "$bin/pytest" -q -p randomly --randomly-seed="$seed" "tests/$suite" >"$log" 2>&1; then
 		green=$((green + 1))
-		echo "run $i: green: $(tail -n 1 "$log")"
+		echo "run $i: green (--randomly-seed=$seed): $(tail -n 1 "$log")"
 	else
-		echo "run $i: RED ($(grep -m1 'Using --randomly-seed' "$log")):"
+		echo "run $i: RED (--randomly-seed=$seed), whole output kept in $log:"
 		grep -E '^(FAILED|ERROR)' "$log"
 		tail -n 1 "$log"
+		continue
 	fi
 	rm -f "$log"
 done

@@ -237,12 +237,14 @@ sys.exit(3)
 """
 
 
-def start_agent(cluster: Cluster, namespace: str, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+def start_agent(
+    cluster: Cluster, namespace: str, tmp_path: Path, *extra: str, work_type: str = "script"
+) -> subprocess.Popen[str]:
     script = tmp_path / "work.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
     return subprocess.Popen(
-        ["kubectl", "workorder", "agent", "run", "-n", namespace, "--id", AGENT_ID, "--type", "script",
+        ["kubectl", "workorder", "agent", "run", "-n", namespace, "--id", AGENT_ID, "--type", work_type,
          *extra, "--", sys.executable, str(script)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
@@ -407,7 +409,8 @@ def test_agent_run_all_namespaces(cluster: Cluster, namespace: str, tmp_path: Pa
     try:
         for ns in (namespace, other):
             create_order(cluster.api, ns, "here", workType=work_type, yamlContent="mode: ok")
-        proc = start_agent(cluster, namespace, tmp_path, "-A", "--type", work_type)
+        # Only that type: with `script` too it would also take (oldest first) other tests' leftovers.
+        proc = start_agent(cluster, namespace, tmp_path, "-A", work_type=work_type)
         a = Agent(cluster.api, AGENT_ID)
         try:
             for ns in (namespace, other):
