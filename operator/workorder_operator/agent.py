@@ -29,11 +29,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from workorder_operator import lifecycle
+from workorder_operator import fleet, lifecycle
 from workorder_operator.errors import Conflict, Failure, NotFound, Transient, WorkOrderError
 from workorder_operator.kube import ApiClient, OrderWatch, WorkOrders, api_error, whoami
 from workorder_operator.lifecycle import StatusWrite, TransitionError
 from workorder_operator.model import Phase, WorkOrder, utcnow
+from workorder_operator.presence import PresenceLeases
 from workorder_operator.targeting import AgentIdentity, admits, check_agent_id
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,12 @@ class Claim:
 
     def detach(self) -> None:
         """Stop handling this claim without a word to the API: it stays held (and expires unless
-        renewed). For agents that resume their claims after a restart (`Agent.run(resume=True)`)."""
+        renewed). For agents that resume their claims after a restart (`Agent.run(resume=True)`):
+        an agent that left a claim behind keeps its presence lease when it stops (its successor
+        of the same id renews it), so the claim is not expired the moment it leaves."""
         with self._lock:
             self.done = True
+            self.agent.left_behind = True
 
     def _write(self, what: str, make: Callable[[WorkOrder, Any], StatusWrite], *, final: bool = True) -> None:
         with self._lock:
@@ -211,12 +215,37 @@ class Agent:
         annotations: dict[str, str] | None = None,
         namespace: str | None = None,
         field_manager: str = "workorder-agent",
+        lease_duration: float = fleet.LEASE_SECONDS,
+        presence_namespace: str | None = None,
+        steal_delay: float | None = fleet.STEAL_DELAY_SECONDS,
     ) -> None:
+        """`lease_duration`: the term of this agent's presence lease (`run` announces it; renewed
+        every third of it); once it lapses, the operator expires this agent's claims at once.
+        `presence_namespace`: where it announces itself (default: its namespace; for an
+        all-namespaces agent, `default`). `steal_delay`: `run` divides the queue with the other live
+        agents it sees there (rendezvous hashing, `fleet.divide`): it tries the orders it ranks first,
+        then those that waited longer than this for their first-ranked agent; None: no division."""
         self.api = api
         agent_id = check_agent_id(id, "Agent id") if id is not None else str(uuid.uuid4())
         self.identity = AgentIdentity(agent_id, tuple(labels), dict(annotations or {}))
         self.work_types = tuple(work_types)
         self.namespace = namespace
+        if not fleet.MIN_LEASE_SECONDS <= lease_duration <= fleet.MAX_LEASE_SECONDS:
+            raise ValueError(
+                f"lease_duration {lease_duration!r}: between {fleet.MIN_LEASE_SECONDS} and "
+                f"{fleet.MAX_LEASE_SECONDS} seconds"
+            )
+        self.lease_duration = lease_duration
+        self.presence_namespace = presence_namespace or namespace or "default"
+        self.leases = PresenceLeases(api, field_manager)
+        # A claim was detached (left held for a successor to resume): keep the lease on stopping.
+        self.left_behind = False
+        self.steal_delay = steal_delay
+        # The live agents `run` sees (presence leases in its presence namespace), if it looks, and
+        # which agent ranks each order first among them (by order uid; for `_owners_of` agents).
+        self.peers: Peers | None = None
+        self._owners: dict[str, str | None] = {}
+        self._owners_of: tuple[str, ...] = ()
         # One field manager for all agents of a kind (the SDK's, the plugin's): managedFields stays
         # one entry however many agents write.
         self.orders = WorkOrders(api, field_manager)
@@ -241,6 +270,21 @@ class Agent:
                 log.warning("cannot tell this agent's Kubernetes username (%s); claims will not record it", exc)
                 self._user = ""
         return self._user or None
+
+    # --- presence -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def present(self, namespaces: Sequence[str] | None = None, others: Sequence[Agent] = ()) -> Iterator[None]:
+        """Announced for the duration: this agent's presence lease, renewed in the background
+        (`run` does this itself). `namespaces`: where it takes orders (default: its namespace, or
+        every one). On the way out the lease is deleted (a clean stop), unless a claim was left
+        behind (`Claim.detach`, also by `others` of the same id) for a successor to resume."""
+        beat = Heartbeat(self, namespaces)
+        beat.start()
+        try:
+            yield
+        finally:
+            beat.stop(withdraw=not any(a.left_behind for a in (self, *others)))
 
     # --- finding and claiming -------------------------------------------------------------------
 
@@ -324,6 +368,7 @@ class Agent:
         stop: threading.Event | None = None,
         shutdown_grace: float = 10.0,
         resume: bool = False,
+        announce: bool = True,
     ) -> None:
         """Take orders until `stop` is set: a watch on Pending orders wakes the loop at once.
 
@@ -333,11 +378,25 @@ class Agent:
         On stop, no new orders are claimed; in-flight handlers get `shutdown_grace` seconds to
         finish, then their orders are released, so nothing stays claimed by an agent that left.
         `resume`: first take up the claims this agent id already holds (a restarted agent whose
-        work can continue, e.g. a build it only has to keep watching).
+        work can continue, e.g. a build it only has to keep watching). `announce`: hold a presence
+        lease meanwhile (`present`; False when the caller announces this agent itself).
         """
-        stop = stop or threading.Event()
+        with self.present() if announce else contextlib.nullcontext():
+            self._run(handler, concurrency, stop or threading.Event(), shutdown_grace, resume)
+
+    def _run(
+        self,
+        handler: Callable[[Claim], str | None],
+        concurrency: int,
+        stop: threading.Event,
+        shutdown_grace: float,
+        resume: bool,
+    ) -> None:
         pending = PendingOrders(self, stop)
         pending.start()
+        if self.steal_delay is not None:
+            self.peers = Peers(self, stop)
+            self.peers.start()
         in_flight: dict[str, tuple[Claim, Future[None]]] = {}
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix="workorder-work")
         try:
@@ -364,6 +423,8 @@ class Agent:
         finally:
             stop.set()
             pending.stop()
+            if self.peers is not None:
+                self.peers.stop()
             # Not waited for: a handler still running after the grace is left behind (its order released).
             pool.shutdown(wait=False)
             deadline = time.monotonic() + shutdown_grace
@@ -375,8 +436,28 @@ class Agent:
                         claim.release("agent shutting down")
                         log.info("%s: released (agent shutting down)", claim.order.key, extra=claim.order.logref)
 
+    def _divided(self, candidates: list[WorkOrder]) -> list[WorkOrder]:
+        """The candidates in the order this agent should try them, given the agents it sees."""
+        if self.peers is None or self.steal_delay is None or not candidates:
+            return candidates
+        me = fleet.Presence(
+            namespace=self.presence_namespace, name=fleet.lease_name(self.id), agent=self.identity,
+            work_types=self.work_types, user=self._user or "",
+            namespaces=() if self.namespace is None else (self.namespace,), duration=self.lease_duration,
+            renew_time=None,
+        )  # fmt: skip
+        peers = self.peers.live()
+        seen = tuple(sorted(p.key for p in peers))
+        if seen != self._owners_of:  # another set of agents ranks orders anew
+            self._owners, self._owners_of = {}, seen
+        if len(self._owners) > 4 * len(candidates) + 1024:  # forget orders long gone
+            self._owners = {}
+        # A claim round tries a few of the first candidates (see _spread, _claim_from).
+        return fleet.divide(candidates, me, peers, utcnow(), self.steal_delay, limit=CLAIM_WINDOW_MAX + 1,
+                            owners=self._owners)  # fmt: skip
+
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
-        for lost, order in enumerate(self._spread(pending.snapshot())):
+        for lost, order in enumerate(self._spread(self._divided(pending.snapshot()))):
             if lost >= LOST_RACES_PER_ROUND:
                 # Others are taking what we see: marching down a stale list only loses more races.
                 # A short, random pause lets our watch catch up and the racers drift apart.
@@ -454,6 +535,127 @@ class Agent:
         except Exception as exc:  # the API stayed away longer than the claim can live: it will expire
             log.error("%s: could not report the failure of attempt %d: %s", claim.order.key, claim.attempt, exc,
                       extra=claim.order.logref)  # fmt: skip
+
+
+class Heartbeat:
+    """An agent's presence lease (`fleet`), renewed every third of its term in a thread.
+
+    Presence is best effort: an agent that cannot announce itself (no right to leases, the API
+    away) still works; its claims then only expire after their claimTimeoutSeconds."""
+
+    def __init__(self, agent: Agent, namespaces: Sequence[str] | None = None) -> None:
+        self.agent = agent
+        default = () if agent.namespace is None else (agent.namespace,)
+        self.namespaces = tuple(namespaces) if namespaces is not None else default
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"presence-{agent.id[:8]}", daemon=True)
+        self._uid: str | None = None
+        self._complained = False
+
+    def start(self) -> None:
+        """Announce once before anything is claimed, then keep renewing."""
+        self._beat(first=True)
+        self._thread.start()
+
+    def stop(self, *, withdraw: bool) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if withdraw and self._uid is not None:
+            a = self.agent
+            try:
+                a.leases.delete(a.presence_namespace, fleet.lease_name(a.id), self._uid)
+            except WorkOrderError as exc:  # it lapses by itself; the operator then expires nothing we hold
+                log.warning("could not withdraw the presence lease of agent %s: %s", a.id, exc)
+
+    def _loop(self) -> None:
+        every = self.agent.lease_duration / 3
+        while not self._stop.wait(every):
+            self._beat(first=False)
+
+    def _beat(self, *, first: bool) -> None:
+        a = self.agent
+        try:
+            body = fleet.lease_body(
+                a.identity, work_types=a.work_types, user=a.user or "", namespaces=self.namespaces,
+                duration=a.lease_duration, now=utcnow(), acquired=first,
+            )  # fmt: skip
+            stored = a.leases.put(a.presence_namespace, body)
+        except Exception as exc:
+            level = logging.WARNING if first or not self._complained else logging.DEBUG
+            log.log(level, "agent %s: cannot announce its presence in namespace %s (%s); its claims expire only "
+                    "after their claimTimeoutSeconds until it can", a.id, a.presence_namespace, exc)  # fmt: skip
+            self._complained = True
+            return
+        if self._complained:
+            log.info("agent %s: presence announced again", a.id)
+            self._complained = False
+        self._uid = str(stored.get("metadata", {}).get("uid") or "") or None
+
+
+class Peers:
+    """The live agents in this agent's presence namespace (presence leases, list then watch), to
+    divide the queue with. Best effort: without the right to list leases, or while the watch is
+    down, the agent sees no peers and takes every candidate, as before."""
+
+    def __init__(self, agent: Agent, stop: threading.Event) -> None:
+        self.agent = agent
+        self._stop = stop
+        self._seen: dict[str, fleet.Sighting] = {}
+        self._lock = threading.Lock()
+        self._watch: OrderWatch | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"peers-{agent.id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+
+    def live(self) -> list[fleet.Presence]:
+        with self._lock:
+            return fleet.live(self._seen.values(), utcnow())
+
+    def _loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                bodies, version = self.agent.leases.list(self.agent.presence_namespace)
+                with self._lock:
+                    self._seen = {}
+                for body in bodies:
+                    self._saw("ADDED", body)
+                backoff = 0.5
+                while not self._stop.is_set():
+                    self._watch = self.agent.leases.watch(self.agent.presence_namespace, version)
+                    for kind, body in self._watch:
+                        version = body.get("metadata", {}).get("resourceVersion", version)
+                        if kind != "BOOKMARK":
+                            self._saw(kind, body)
+                    if self._watch.gone:
+                        break
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.debug("agent %s: cannot follow its peers (%s); again in %.0fs", self.agent.id, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _saw(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        with self._lock:
+            if kind == "DELETED":
+                self._seen.pop(key, None)
+                return
+            try:
+                presence = fleet.parse_lease(body)
+            except ValueError:
+                return
+            before = self._seen.get(key)
+            kept = before is not None and fleet.same_renewal(before.presence, presence)
+            self._seen[key] = fleet.Sighting(presence, before.seen_at if before and kept else utcnow())
 
 
 class PendingOrders:

@@ -13,6 +13,7 @@ script, or a second shell agent on the same host, cannot finish someone else's a
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shutil
@@ -28,11 +29,12 @@ from typing import IO, Any, NoReturn
 
 import yaml
 
-from workorder_operator import __version__, lifecycle
-from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
+from workorder_operator import __version__, fleet, lifecycle
+from workorder_operator.agent import Agent, Claim, ClaimLost, Failure, readable
 from workorder_operator.errors import Conflict, NotFound, Transient, WorkOrderError
 from workorder_operator.kube import KubeconfigError, WorkOrders, api_client, api_error, kubeconfig_namespace
-from workorder_operator.model import PLURAL, Phase, WorkOrder, order_body, utcnow
+from workorder_operator.model import PLURAL, Phase, WorkOrder, format_time, order_body, utcnow
+from workorder_operator.presence import PresenceLeases
 from workorder_operator.seed import seed_view
 from workorder_operator.targeting import check_agent_id
 
@@ -166,7 +168,12 @@ def explain(exc: BaseException, session: Session | None) -> CliError:
 
 
 def age(order: WorkOrder) -> str:
-    seconds = int((utcnow() - order.created_at).total_seconds())
+    return duration(utcnow() - order.created_at)
+
+
+def duration(span: dt.timedelta) -> str:
+    """As kubectl prints ages: 45s, 3m, 2h, 4d."""
+    seconds = int(span.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= 2 * size or (unit == "m" and seconds >= size):
             return f"{seconds // size}{unit}"
@@ -321,6 +328,58 @@ def cmd_requeue(s: Session, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agents(s: Session, args: argparse.Namespace) -> int:
+    """The agents that announced themselves (presence leases), with the claims they hold."""
+    scope = None if args.all_namespaces else s.namespace
+    bodies, _ = PresenceLeases(s.api, FIELD_MANAGER).list(scope)
+    agents = []
+    for body in bodies:
+        try:
+            agents.append(fleet.parse_lease(body))
+        except ValueError as exc:
+            meta = body.get("metadata", {})
+            print(f"warning: presence lease {meta.get('namespace')}/{meta.get('name')}: {exc}", file=sys.stderr)
+    claimed, _ = s.orders.list(scope, field_selector=f"status.phase={Phase.CLAIMED}")
+    orders = readable(claimed)
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    for p in sorted(agents, key=lambda p: (p.namespace, p.agent.id)):
+        live = now < fleet.lost_at(p)
+        rows.append({
+            "namespace": p.namespace, "id": p.agent.id, "workTypes": list(p.work_types),
+            "labels": list(p.agent.labels), "annotations": dict(p.agent.annotations), "user": p.user,
+            "namespaces": list(p.namespaces),
+            "leaseDurationSeconds": int(p.duration),
+            "renewTime": format_time(p.renew_time) if p.renew_time else None,
+            "claims": sum(1 for o in orders if o.status.claimed_by == p.agent.id and p.covers(o.namespace)),
+            "status": "Live" if live else "Lost",
+            "lastSeen": duration(now - p.renew_time) if p.renew_time else "never",
+        })  # fmt: skip
+    if args.output == "json":
+        print(json.dumps({"agents": rows}, indent=2))
+        return 0
+    if args.output == "yaml":
+        print(yaml.safe_dump({"agents": rows}, sort_keys=False), end="")
+        return 0
+    if not rows:
+        print("No agents found." if scope is None else f"No agents found in {scope} namespace.")
+        return 0
+    wide = args.output == "wide"
+    header = ["AGENT", "TYPES", "LABELS", "CLAIMS", "LAST-SEEN", "STATUS"]
+    header += ["USER", "TAKES-IN", "LEASE", "ANNOTATIONS"] if wide else []
+    table_rows = [(["NAMESPACE"] if scope is None else []) + header]
+    for r in rows:
+        row = [r["id"], ",".join(r["workTypes"]) or "*", ",".join(r["labels"]) or "<none>", str(r["claims"]),
+               r["lastSeen"], r["status"]]  # fmt: skip
+        if wide:
+            notes = ",".join(f"{k}={v}" for k, v in sorted(r["annotations"].items())) or "<none>"
+            row += [r["user"] or "<unknown>", ",".join(r["namespaces"]) or "*", f"{r['leaseDurationSeconds']}s", notes]
+        table_rows.append(([r["namespace"]] if scope is None else []) + row)
+    widths = [max(len(r[i]) for r in table_rows) for i in range(len(table_rows[0]))]
+    print("\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table_rows))
+    return 0
+
+
 # --- commands: shell agents ---------------------------------------------------------------------
 
 
@@ -331,6 +390,8 @@ def _agent(s: Session, args: argparse.Namespace) -> Agent:
         s.api, args.id, work_types=args.type or (), labels=args.label or (),
         annotations=dict(_key_value(a) for a in args.annotation or ()),
         namespace=None if getattr(args, "all_namespaces", False) else s.namespace, field_manager=FIELD_MANAGER,
+        lease_duration=getattr(args, "lease_duration", fleet.LEASE_SECONDS),
+        presence_namespace=getattr(args, "presence_namespace", None) or s.namespace,
     )  # fmt: skip
 
 
@@ -579,6 +640,11 @@ def cmd_agent_run(s: Session, args: argparse.Namespace) -> int:
             "usage", "agent run needs a command after --, e.g. kubectl workorder agent run --type test -- ./run.sh"
         )
     _check_command(command[0])
+    if not fleet.MIN_LEASE_SECONDS <= args.lease_duration <= fleet.MAX_LEASE_SECONDS:
+        raise CliError(
+            "usage", f"--lease-duration {args.lease_duration:g}: between {fleet.MIN_LEASE_SECONDS} and "
+            f"{fleet.MAX_LEASE_SECONDS} seconds",
+        )  # fmt: skip
     agent = _agent(s, args)
     # Fail fast with a readable error if the cluster or the CRD is not there.
     s.orders.list(agent.namespace, field_selector=agent._selector())
@@ -589,7 +655,8 @@ def cmd_agent_run(s: Session, args: argparse.Namespace) -> int:
     runner = CommandRunner(command, args.timeout, retryable, stop)
     scope = "all namespaces" if agent.namespace is None else f"namespace {agent.namespace}"
     types = ", ".join(agent.work_types) or "all types"
-    print(f"agent {agent.id} taking {types} in {scope} (concurrency {args.concurrency})", file=sys.stderr, flush=True)
+    print(f"agent {agent.id} taking {types} in {scope} (concurrency {args.concurrency}; presence lease in "
+          f"{agent.presence_namespace}, {agent.lease_duration:g}s)", file=sys.stderr, flush=True)  # fmt: skip
     agent.run(runner, concurrency=args.concurrency, stop=stop, shutdown_grace=args.shutdown_grace)
     return 0
 
@@ -645,6 +712,8 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("name")
     rq = add("requeue", cmd_requeue, "put a Failed order back to Pending with its retries reset")
     rq.add_argument("name")
+    ags = add("agents", cmd_agents, "list the agents that announced themselves: types, labels, claims, Live/Lost")
+    ags.add_argument("-A", "--all-namespaces", action="store_true")
 
     def identity(sp: argparse.ArgumentParser, types: bool) -> None:
         sp.add_argument(
@@ -703,6 +772,14 @@ def parser() -> argparse.ArgumentParser:
         "--retryable-exit-codes", default=str(EX_TEMPFAIL), help="comma-separated (default 75, EX_TEMPFAIL)"
     )
     run.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight work may finish on SIGTERM")
+    run.add_argument(
+        "--lease-duration", type=float, default=fleet.LEASE_SECONDS,
+        help="term of the agent's presence lease, renewed every third of it (default 30): once it lapses, "
+        "the operator expires this agent's claims at once",
+    )  # fmt: skip
+    run.add_argument(
+        "--presence-namespace", help="with -A: where the agent announces itself (default: the context's namespace)"
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     return p
 

@@ -20,11 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from workorder_operator import lifecycle, metrics
+from workorder_operator import fleet, lifecycle, metrics
 from workorder_operator.errors import Conflict, NotFound
+from workorder_operator.fleet import Sighting
 from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders
 from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
 from workorder_operator.model import Phase, Status, WorkOrder, utcnow
+from workorder_operator.presence import PresenceLeases
 from workorder_operator.scheduler import DeadlineScheduler
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ CONTENT_WORKERS = 2
 # (the status and its history still say everything).
 EVENTS_PER_SECOND = 10.0
 EVENT_BURST = 50.0
+# How long the operator remembers a deleted presence lease: a claim of its agent that the order
+# watch brings only later is still expired for it.
+GONE_MEMORY = dt.timedelta(minutes=10)
 
 # (order, type, reason, message) -> posted as a Kubernetes Event on the order (blocking I/O).
 EventSink = Callable[[WorkOrder, str, str, str], None]
@@ -98,11 +103,27 @@ class Engine:
         clock: Callable[[], dt.datetime] = utcnow,
         budget: Callable[[], float | None] | None = None,
         namespaces: Sequence[str] = (),
+        presence_grace: float = fleet.GRACE_SECONDS,
+        unschedulable_grace: float = 30.0,
+        scheduling_writes: int = 50,
     ) -> None:
         """`executors`: the work types the operator runs itself, whose content is checked at
         initialise. `budget`: seconds left in which a write must be over (the leader's lease),
-        None for no limit. `namespaces`: the ones watched (empty: all), for `resync`."""
+        None for no limit. `namespaces`: the ones watched (empty: all), for `resync`.
+        `presence_grace`: beyond a presence lease's term, before its agent counts as lost.
+        `unschedulable_grace`, `scheduling_writes`: see `scheduling_pass` (grace 0: off)."""
         self.orders = orders
+        self.presence_grace = presence_grace
+        self.unschedulable_grace = unschedulable_grace
+        self.scheduling_writes = scheduling_writes
+        # Presence leases by namespace/name, the leases of each agent id, and the claims each
+        # agent id holds (order uids): a change of presence re-arms exactly its agent's claims.
+        self._sightings: dict[str, Sighting] = {}
+        self._leases_of: dict[str, set[str]] = {}
+        self._claims_of: dict[str, set[str]] = {}
+        self._claimant: dict[str, str] = {}
+        # Pending orders no live agent could take, since when (schedulability passes).
+        self._unmatched: dict[str, dt.datetime] = {}
         self.clock = clock
         self._budget = budget
         self.namespaces = tuple(namespaces)
@@ -195,7 +216,7 @@ class Engine:
             self._arm(tracked)
 
     def _arm(self, tracked: _Tracked) -> None:
-        plan = _plan(tracked)
+        plan = self._plan(tracked)
         if plan.at is None:
             self.scheduler.cancel(tracked.order.uid)
         else:
@@ -207,7 +228,158 @@ class Engine:
     def forget(self, uid: str) -> None:
         self._tracked.pop(uid, None)
         self._checking.discard(uid)
+        self._unmatched.pop(uid, None)
+        self._index_claim(uid, None)
         self.scheduler.cancel(uid)
+
+    def _index_claim(self, uid: str, order: WorkOrder | None) -> None:
+        """Keep `_claims_of` true: which agent id holds this order's claim, if any."""
+        holder = order.status.claimed_by if order is not None and order.status.phase == Phase.CLAIMED else None
+        holder = holder.lower() if holder else None
+        before = self._claimant.get(uid)
+        if before == holder:
+            return
+        if before is not None:
+            held = self._claims_of.get(before, set())
+            held.discard(uid)
+            if not held:
+                self._claims_of.pop(before, None)
+            del self._claimant[uid]
+        if holder is not None:
+            self._claims_of.setdefault(holder, set()).add(uid)
+            self._claimant[uid] = holder
+
+    # --- presence -------------------------------------------------------------------------------
+
+    def observe_presence(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """A watch event on a presence lease: remember when this renewal was first seen (or that
+        the lease is gone) and re-arm the claims of its agent."""
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        before = self._sightings.get(key)
+        now = self.clock()
+        if event_type == "DELETED":
+            if before is not None and before.gone_at is None:
+                log.info("agent %s: presence lease %s deleted", before.presence.agent.id, key)
+                self._sightings[key] = Sighting(before.presence, before.seen_at, now)
+                self._rearm_agent(before.presence.agent.id)
+            return
+        try:
+            presence = fleet.parse_lease(body)
+        except ValueError as exc:
+            log.warning("presence lease %s: unreadable (%s); ignoring it", key, exc)
+            return
+        if before is not None and before.gone_at is None and fleet.same_renewal(before.presence, presence):
+            self._sightings[key] = Sighting(presence, before.seen_at)
+        else:
+            if before is None or before.gone_at is not None:
+                log.info("agent %s announced (%s, user %s)", presence.agent.id, key, presence.user or "unknown")
+            self._sightings[key] = Sighting(presence, now)
+        agent = presence.agent.id.lower()
+        self._leases_of.setdefault(agent, set()).add(key)
+        if before is not None and before.presence.agent.id.lower() != agent:
+            self._rearm_agent(before.presence.agent.id)
+        self._rearm_agent(agent)
+
+    def presence_listed(self, bodies: Sequence[dict[str, Any]], namespace: str | None = None) -> None:
+        """A fresh listing of the presence leases of `namespace` (None: all): what it lacks was
+        deleted while the watch was down."""
+        listed = set()
+        for body in bodies:
+            meta = body.get("metadata") or {}
+            listed.add(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
+            self.observe_presence("ADDED", body)
+        for key, sighting in list(self._sightings.items()):
+            in_scope = namespace is None or sighting.presence.namespace == namespace
+            if in_scope and key not in listed and sighting.gone_at is None:
+                self.observe_presence("DELETED", {"metadata": {"namespace": sighting.presence.namespace,
+                                                               "name": sighting.presence.name}})  # fmt: skip
+
+    def _rearm_agent(self, agent_id: str) -> None:
+        for uid in list(self._claims_of.get(agent_id.lower(), ())):
+            tracked = self._tracked.get(uid)
+            if tracked is not None:
+                self._arm(tracked)
+
+    def _agent_sightings(self, agent_id: str) -> list[Sighting]:
+        keys = self._leases_of.get(agent_id.lower(), set())
+        return [self._sightings[k] for k in keys if k in self._sightings]
+
+    def _holder_lost_at(self, order: WorkOrder) -> tuple[dt.datetime, Sighting] | None:
+        if order.status.phase != Phase.CLAIMED or not order.status.claimed_by:
+            return None
+        return fleet.holder_lost_at(order, self._agent_sightings(order.status.claimed_by), self.presence_grace)
+
+    def live_agents(self) -> list[fleet.Presence]:
+        return fleet.live(self._sightings.values(), self.clock(), self.presence_grace)
+
+    def _forget_gone(self, now: dt.datetime) -> None:
+        for key, sighting in list(self._sightings.items()):
+            if sighting.gone_at is not None and now - sighting.gone_at > GONE_MEMORY:
+                del self._sightings[key]
+                leases = self._leases_of.get(sighting.presence.agent.id.lower(), set())
+                leases.discard(key)
+                if not leases:
+                    self._leases_of.pop(sighting.presence.agent.id.lower(), None)
+
+    # --- unschedulable orders -------------------------------------------------------------------
+
+    async def scheduling_pass(self) -> int:
+        """Mark Pending orders that no live agent could take for `unschedulable_grace`
+        (Schedulable=False, reason NoMatchingAgent, a Warning event), and clear the mark of those
+        one can take now. Bounded: one look over what is tracked (in memory), writes only where
+        the mark changes, at most `scheduling_writes` of them (oldest first; the next pass does
+        the rest). Returns how many writes landed."""
+        now = self.clock()
+        self._forget_gone(now)
+        if self.unschedulable_grace <= 0:
+            return 0
+        agents = self.live_agents()
+        changes: list[tuple[dt.datetime, WorkOrder, bool]] = []
+        for uid, tracked in list(self._tracked.items()):
+            order = tracked.order
+            since, change = fleet.scheduling(order, agents, self._unmatched.get(uid), now, self.unschedulable_grace)
+            if since is None:
+                self._unmatched.pop(uid, None)
+            else:
+                self._unmatched[uid] = since
+            if change is not None:
+                changes.append((order.created_at, order, change))
+        changes.sort(key=lambda c: (c[0], c[1].key))
+        written = 0
+        for _, order, schedulable in changes[: self.scheduling_writes]:
+            budget = self._write_budget()
+            if budget is not None and budget < MIN_WRITE_SECONDS:
+                break  # the lease is about to lapse: the next pass (or leader) does it
+            message = fleet.no_agent_message(order, agents)
+            try:
+                write = lifecycle.scheduling(order, now, None if schedulable else (fleet.NO_MATCHING_AGENT, message))
+                body = await self._api(self.orders.write_status, order, write, budget)
+            except (Conflict, NotFound) as exc:  # changed meanwhile: the next pass looks again
+                log.debug("%s: %s", order.key, exc, extra=order.logref)
+                continue
+            except Exception as exc:  # the API server is away: the next pass tries again
+                log.warning("%s: marking schedulability failed: %s", order.key, exc, extra=order.logref)
+                break
+            written += 1
+            if schedulable:
+                log.info("%s: an agent can take it now (Schedulable mark cleared)", order.key, extra=order.logref)
+            else:
+                log.info("%s: unschedulable: %s", order.key, message, extra=order.logref)
+                self.event(order, "Warning", fleet.NO_MATCHING_AGENT, message)
+            self.observe("MODIFIED", body)
+        return written
+
+    async def scheduling_forever(self, interval: float) -> None:
+        """`scheduling_pass` every `interval` seconds while this replica acts."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.acting:
+                continue
+            try:
+                await self.scheduling_pass()
+            except Exception:  # a bug in one pass must not end the next ones
+                log.exception("scheduling pass failed")
 
     def forget_missing(self, existing: dict[str, str], list_version: str, namespace: str | None = None) -> int:
         """After a fresh listing (uid -> namespace of what exists at `list_version`), forget the
@@ -273,6 +445,7 @@ class Engine:
                 )
         tracked = _Tracked(_compact(order), first_seen, sign, seen_at, rejection)
         self._tracked[order.uid] = tracked
+        self._index_claim(order.uid, order)
         return tracked
 
     # --- deadlines ------------------------------------------------------------------------------
@@ -317,7 +490,7 @@ class Engine:
         if tracked is None:
             return
         order, now = tracked.order, self.clock()
-        plan = _plan(tracked)
+        plan = self._plan(tracked)
         if plan.action is None or plan.at is None:
             return
         if plan.at > now:
@@ -334,7 +507,9 @@ class Engine:
             if plan.action == Action.DELETE:
                 await self._delete(order, budget)
                 return
-            write = self._transition(plan.action, order, tracked, now)
+            lost = self._holder_lost_at(order) if plan.action == Action.EXPIRE else None
+            why = fleet.lost_reason(lost[1], self.presence_grace) if lost is not None and now >= lost[0] else None
+            write = self._transition(plan.action, order, tracked, now, why)
             body = await self._api(self.orders.write_status, order, write, budget)
         except TransitionError as exc:
             log.debug("%s: %s", order.key, exc, extra=order.logref)
@@ -356,6 +531,9 @@ class Engine:
             return
         log.info("%s: %s (%s)", order.key, write.transition, write.message, extra=order.logref)
         self.observe("MODIFIED", body)  # which posts its event, as for everyone's transitions
+        if why is not None:
+            self.event(order, "Warning", "AgentLost", f"{why}; its claim (attempt {order.status.attempt}) expired "
+                       f"at once, whatever claimTimeoutSeconds ({order.spec.claim_timeout_seconds}s)")  # fmt: skip
 
     async def _delete(self, order: WorkOrder, budget: float | None) -> None:
         """TTL: delete this very version; if it changed meanwhile (requeued just as its TTL fell
@@ -377,14 +555,23 @@ class Engine:
         log.info("%s: deleted (ttlSecondsAfterFinished reached)", order.key, extra=order.logref)
         self.event(order, "Normal", "Deleted", "ttlSecondsAfterFinished reached")
 
-    def _transition(self, action: Action, order: WorkOrder, tracked: _Tracked, now: dt.datetime) -> StatusWrite:
+    def _transition(
+        self, action: Action, order: WorkOrder, tracked: _Tracked, now: dt.datetime, lost: str | None = None
+    ) -> StatusWrite:
         if action == Action.INITIALISE:
             return lifecycle.initialise(order, now, tracked.rejection)
         if action == Action.CONDITIONS:
             return lifecycle.sync_conditions(order, now)
         if action == Action.EXPIRE:
-            return lifecycle.expire(order, now, tracked.first_seen, tracked.seen_at)
+            return lifecycle.expire(order, now, tracked.first_seen, tracked.seen_at, lost)
         return lifecycle.due(order, now)
+
+    def _plan(self, tracked: _Tracked) -> lifecycle.Plan:
+        lost = self._holder_lost_at(tracked.order)
+        return lifecycle.plan(
+            tracked.order, tracked.first_seen, rejected=tracked.rejection is not None, seen_at=tracked.seen_at,
+            agent_lost_at=lost[0] if lost is not None else None,
+        )  # fmt: skip
 
     def event(self, order: WorkOrder, kind: str, reason: str, message: str) -> None:
         """Posted in the background and rate-limited: an event is never worth delaying a deadline.
@@ -405,10 +592,59 @@ class Engine:
         self._event_pool.submit(self._post_event, order, kind, reason, message)
 
 
-def _plan(tracked: _Tracked) -> lifecycle.Plan:
-    return lifecycle.plan(
-        tracked.order, tracked.first_seen, rejected=tracked.rejection is not None, seen_at=tracked.seen_at
-    )
+class PresenceFeed:
+    """Feeds the engine the presence leases of the watched namespaces (all, or each named one):
+    a thread per scope that lists, then watches from the list's resourceVersion, and lists again
+    after 410 Gone or a broken connection (what vanished meanwhile counts as deleted)."""
+
+    def __init__(self, engine: Engine, leases: PresenceLeases, also: Sequence[str] = ()) -> None:
+        """`also`: namespaces to follow besides the engine's, when it watches some only (the
+        presence namespace, where the operator's own agents announce themselves)."""
+        self.engine = engine
+        self.leases = leases
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+        self._watches: list[Any] = []
+        scopes = list(dict.fromkeys((*engine.namespaces, *also))) if engine.namespaces else [None]
+        self._threads = [
+            threading.Thread(target=self._run, args=(ns,), name=f"presence-watch-{ns or 'all'}", daemon=True)
+            for ns in scopes
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for watch in list(self._watches):
+            watch.stop()
+
+    def _run(self, namespace: str | None) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                bodies, version = self.leases.list(namespace)
+                self._loop.call_soon_threadsafe(self.engine.presence_listed, bodies, namespace)
+                backoff = 0.2
+                while not self._stop.is_set():
+                    watch = self.leases.watch(namespace, version)
+                    self._watches.append(watch)
+                    try:
+                        for kind, body in watch:
+                            version = body.get("metadata", {}).get("resourceVersion", version)
+                            if kind != "BOOKMARK":
+                                self._loop.call_soon_threadsafe(self.engine.observe_presence, kind, body)
+                    finally:
+                        self._watches.remove(watch)
+                    if watch.gone:
+                        break  # too old: list again
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("watch of presence leases interrupted (%s); again in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
 
 
 def _name(body: dict[str, Any]) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from workorder_operator import lifecycle
+from workorder_operator import fleet, lifecycle
 from workorder_operator.agent import Agent, Claim, ClaimLost
 from workorder_operator.errors import Conflict, NotFound, WorkOrderError
 from workorder_operator.kube import ApiClient, post_event
@@ -92,6 +92,10 @@ class AgentConfig:
     namespaces: tuple[str, ...] = ()
     # How often to ask `Executor.waiting` again while it says nothing can run.
     discovery_interval: float = 5.0
+    # Where the agent announces itself (None: its namespace, else `default`), and its presence
+    # lease's term (fleet.py).
+    presence_namespace: str | None = None
+    lease_duration: float = fleet.LEASE_SECONDS
     # Whether waiting orders are told why (a condition and an event). An agent in a spoke cluster
     # does not: another spoke may well run them, and the hub's admission policy allows agents
     # only the claim transitions.
@@ -107,7 +111,8 @@ class ExecutorAgent:
         self.config = config
         self.agents = [
             Agent(api, config.id, work_types=[executor.work_type], labels=config.labels,
-                  annotations=config.annotations, namespace=namespace)
+                  annotations=config.annotations, namespace=namespace, lease_duration=config.lease_duration,
+                  presence_namespace=config.presence_namespace)
             for namespace in config.namespaces or (None,)
         ]  # fmt: skip
         self.agent = self.agents[0]
@@ -171,8 +176,13 @@ class ExecutorAgent:
             self.stop.wait(self.config.discovery_interval)
 
     def _run_agents(self) -> None:
+        # One presence lease for all of them (one agent id), in the presence namespace.
+        with self.agent.present(self.config.namespaces, others=self.agents[1:]):
+            self._run_each()
+
+    def _run_each(self) -> None:
         def run(agent: Agent) -> None:
-            agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True)
+            agent.run(self.execute, concurrency=self.config.concurrency, stop=self.stop, resume=True, announce=False)
 
         threads = [
             threading.Thread(target=run, args=(a,), name=f"{self.work_type}-agent-{a.namespace}", daemon=True)

@@ -17,11 +17,12 @@ import kopf
 from aiohttp import web
 
 from workorder_operator import metrics
-from workorder_operator.engine import Engine
+from workorder_operator.engine import Engine, PresenceFeed
 from workorder_operator.executor import Executors
 from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders, api_client, post_event
 from workorder_operator.leader import LeaderElection
 from workorder_operator.model import GROUP, PLURAL, VERSION
+from workorder_operator.presence import PresenceLeases
 from workorder_operator.settings import Settings
 
 
@@ -30,6 +31,7 @@ class State:
     """What the handlers started, for the ones that stop it."""
 
     engine: Engine | None = None
+    presence: PresenceFeed | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics: web.AppRunner | None = None
     ready: bool = False
@@ -101,8 +103,15 @@ async def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, logger: k
         concurrency=ours.concurrency,
         budget=election.remaining if election is not None else None,
         namespaces=ours.namespaces,
+        presence_grace=ours.presence_grace,
+        unschedulable_grace=ours.unschedulable_grace,
+        scheduling_writes=ours.scheduling_writes,
     )
     state.engine = engine
+    # Every replica follows the agents' presence leases too (a warm view for a fast takeover).
+    state.presence = PresenceFeed(engine, PresenceLeases(api, OPERATOR_MANAGER), also=(ours.presence_namespace,))
+    state.presence.start()
+    state.tasks.append(asyncio.create_task(engine.scheduling_forever(ours.scheduling_interval)))
     # Executors tell refusals through the engine's rate-limited events.
     executors.post_events_through(engine.event)
     state.tasks.append(asyncio.create_task(engine.resync_forever(ours.resync_seconds)))
@@ -143,6 +152,8 @@ async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
     await asyncio.gather(*state.tasks, return_exceptions=True)
     state.tasks.clear()
+    if state.presence is not None:
+        state.presence.stop()
     if state.engine is not None:
         state.engine.close()
     if state.metrics is not None:

@@ -305,7 +305,8 @@ class WorkOrders:
 
 
 class OrderWatch:
-    """One watch over WorkOrders: iterate for (event type, object); `stop()` from any thread.
+    """One watch over WorkOrders (or, for `presence`, presence leases): iterate for (event type,
+    object); `stop()` from any thread.
     Ends when the server ends the request, or at 410 Gone (`gone` is then True: the
     resourceVersion is too old, list again). Other errors are raised as the error tree."""
 

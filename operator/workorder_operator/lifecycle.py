@@ -326,6 +326,41 @@ def waiting(order: WorkOrder, reason: str, message: str, now: dt.datetime) -> St
     return _write(Transition.WAITING, order, _unchanged(order), status, message)
 
 
+SCHEDULABLE = "Schedulable"
+
+
+def scheduling(order: WorkOrder, now: dt.datetime, unschedulable: tuple[str, str] | None = None) -> StatusWrite:
+    """Mark a Pending order unschedulable (`unschedulable`: the Schedulable=False condition's reason
+    and message), or clear the mark (None: the condition is removed). Conditions only: the order
+    stays claimable, and any phase change drops the mark with the other conditions."""
+    _require_phase(order, Phase.PENDING)
+    if needs_initialise(order):
+        raise TransitionError(f"{order.key} has no conditions yet")
+    old = [c for c in order.raw_status.get("conditions") or [] if isinstance(c, dict)]
+    kept = [c for c in old if c.get("type") != SCHEDULABLE]
+    if unschedulable is None:
+        message = "an agent can take it"
+        if len(kept) == len(old):
+            raise TransitionError(f"{order.key} is not marked unschedulable")
+    else:
+        reason, message = unschedulable
+        before = next((c for c in old if c.get("type") == SCHEDULABLE), {})
+        kept.append(
+            {
+                "type": SCHEDULABLE,
+                "status": "False",
+                "reason": reason,
+                "message": message[:MESSAGE_LIMIT],
+                "lastTransitionTime": before.get("lastTransitionTime")
+                if before.get("status") == "False"
+                else format_time(now),
+                "observedGeneration": order.generation,
+            }
+        )
+    status = dict(order.raw_status, conditions=kept)
+    return _write(Transition.SCHEDULING, order, _unchanged(order), status, message)
+
+
 # Beyond any real deadline: what a timestamp near year 9999 plus a timeout becomes.
 FAR_FUTURE = dt.datetime.max.replace(tzinfo=dt.UTC)
 
@@ -369,16 +404,20 @@ def claim_deadline(
 
 
 def expire(
-    order: WorkOrder, now: dt.datetime, first_seen: dt.datetime | None = None, seen_at: dt.datetime | None = None
+    order: WorkOrder,
+    now: dt.datetime,
+    first_seen: dt.datetime | None = None,
+    seen_at: dt.datetime | None = None,
+    lost: str | None = None,
 ) -> StatusWrite:
+    """`lost`: why the claim's agent counts as lost (its presence lease lapsed or was deleted,
+    `fleet.lost_reason`): the claim expires now, whatever its claimTimeoutSeconds."""
     _require_phase(order, Phase.CLAIMED)
-    if now < claim_deadline(order, first_seen, seen_at):
+    if lost is None and now < claim_deadline(order, first_seen, seen_at):
         raise TransitionError(f"{order.key}: the claim has not expired yet")
     s = order.status
-    error = (
-        f"claim of agent {s.claimed_by} (attempt {s.attempt}) expired: no renewal within "
-        f"{order.spec.claim_timeout_seconds}s"
-    )
+    why = lost or f"no renewal within {order.spec.claim_timeout_seconds}s"
+    error = f"claim of agent {s.claimed_by} (attempt {s.attempt}) expired: {why}"
     return _write(
         Transition.EXPIRE,
         order,
@@ -482,17 +521,20 @@ def plan(
     *,
     rejected: bool = False,
     seen_at: dt.datetime | None = None,
+    agent_lost_at: dt.datetime | None = None,
 ) -> Plan:
     """The operator's next step, independent of the current time: the scheduler runs it at `at`.
     `rejected`: the operator cannot run this order's content, so it fails it without delay.
-    `first_seen`, `seen_at`: see `claim_deadline`."""
+    `first_seen`, `seen_at`: see `claim_deadline`. `agent_lost_at`: when the claim's agent counts
+    as lost (its presence lease, `fleet.holder_lost_at`), if that comes before the timeout."""
     s = order.status
     if needs_initialise(order):
         return Plan(Action.INITIALISE, order.created_at if rejected else order.created_at + INITIALISE_GRACE)
     if not conditions_true(order):
         return Plan(Action.CONDITIONS, order.created_at)  # at once: long past
     if s.phase == Phase.CLAIMED:
-        return Plan(Action.EXPIRE, claim_deadline(order, first_seen, seen_at))
+        deadline = claim_deadline(order, first_seen, seen_at)
+        return Plan(Action.EXPIRE, min(deadline, agent_lost_at) if agent_lost_at is not None else deadline)
     if s.phase == Phase.RETRY_PENDING:
         return Plan(Action.DUE, s.next_retry_after or order.created_at)
     if s.phase is not None and s.phase.terminal and order.spec.ttl_seconds_after_finished is not None:

@@ -60,6 +60,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
     )
     ha.add_argument("--leader-election-name", default="workorder-operator", help="name of the Lease")
+    fleet = parser.add_argument_group("fleet (agents announce themselves with presence Leases)")
+    fleet.add_argument(
+        "--presence-namespace",
+        help="where the operator's own agents (the build agent) announce themselves "
+        "(default: the leader election namespace)",
+    )
+    fleet.add_argument(
+        "--presence-grace", type=float, default=2.0,
+        help="seconds past a presence lease's term before its agent is lost and its claims expire (default 2)",
+    )  # fmt: skip
+    fleet.add_argument(
+        "--unschedulable-grace", type=float, default=30.0,
+        help="mark a Pending order no live agent can take for this long Schedulable=False (default 30; 0: never)",
+    )  # fmt: skip
+    fleet.add_argument(
+        "--scheduling-interval", type=float, default=5.0,
+        help="seconds between two looks for unschedulable orders (default 5; each writes at most 50 marks)",
+    )  # fmt: skip
     build = parser.add_argument_group("built-in build agent (runs `build` orders with Shipwright)")
     build.add_argument("--no-build-agent", action="store_true", help="leave build orders to external agents")
     build.add_argument(
@@ -81,6 +99,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         metrics_address=args.metrics_address,
         lease=None if args.no_leader_election else LeaseConfig(args.leader_election_namespace,
                                                                args.leader_election_name),
+        presence_namespace=args.presence_namespace or args.leader_election_namespace,
+        presence_grace=args.presence_grace,
+        unschedulable_grace=args.unschedulable_grace,
+        scheduling_interval=args.scheduling_interval,
     )  # fmt: skip
 
 
@@ -93,6 +115,8 @@ def executors_from(
     api = api_client(settings.kubeconfig, settings.context, user_agent=f"{OPERATOR_MANAGER}/{settings.identity}")
     for executor, config in extra:
         config = config if config.namespaces else dataclasses.replace(config, namespaces=settings.namespaces)
+        if config.presence_namespace is None:
+            config = dataclasses.replace(config, presence_namespace=settings.presence_namespace)
         executors.register(ExecutorAgent(api, executor, config))
     if not args.no_build_agent:
         config = build_agent_config(
@@ -103,6 +127,7 @@ def executors_from(
             # Single-namespace mode holds for the build agent too: it lists, watches and claims
             # only in the namespaces the operator watches.
             namespaces=settings.namespaces,
+            presence_namespace=settings.presence_namespace,
         )
         executor = BuildExecutor(
             api, OPERATOR_MANAGER, registration_timeout=args.build_registration_timeout,

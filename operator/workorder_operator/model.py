@@ -54,6 +54,7 @@ class Transition(StrEnum):
     REQUEUE = "requeue"
     WAITING = "waiting"  # why nothing takes a Pending order yet (conditions only)
     CONDITIONS = "conditions"  # the operator's backstop: conditions that say what the phase says
+    SCHEDULING = "scheduling"  # a Pending order marked (or no longer) unschedulable: no live agent takes it
 
 
 class ConditionStatus(StrEnum):

@@ -53,3 +53,16 @@ class Settings:
     # How often every replica lists what exists (metadata only) to forget orders deleted while
     # its watch was down.
     resync_seconds: float = 300.0
+    # Where the operator's own agents (the built-in build agent) announce themselves (fleet.py),
+    # naming the namespaces they take orders in.
+    presence_namespace: str = "default"
+    # Seconds past an agent's presence lease term before the operator calls it lost and expires
+    # its claims (a renewal on its way, a late watch event).
+    presence_grace: float = 2.0
+    # A Pending order that no live agent could take for this long is marked unschedulable
+    # (Schedulable=False, reason NoMatchingAgent); 0: never.
+    unschedulable_grace: float = 30.0
+    # How often the leader looks for unschedulable orders (and marked ones an agent can now take),
+    # and the most condition writes one look may make (the rest wait for the next).
+    scheduling_interval: float = 5.0
+    scheduling_writes: int = 50

@@ -30,6 +30,7 @@ except ImportError as exc:  # the base install is the SDK and CLI only: say what
     sys.exit(f"workorder-build-agent needs the operator's dependencies: pip install 'workorder-operator[operator]' "
              f"({exc})")  # fmt: skip
 
+from workorder_operator import fleet
 from workorder_operator.executor import ExecutorAgent
 from workorder_operator.kube import ApiClient, KubeconfigError, WorkOrders, api_client
 from workorder_operator.targeting import check_agent_id
@@ -73,6 +74,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     add_build_options(agent)
     agent.add_argument(
+        "--presence-namespace",
+        help="the hub namespace where it announces itself with its presence Lease (default: its first -n "
+        "namespace, else default)",
+    )
+    agent.add_argument(
+        "--lease-duration", type=float, default=fleet.LEASE_SECONDS,
+        help="term of its presence Lease (default 30): once it lapses, the hub's operator expires its claims",
+    )  # fmt: skip
+    agent.add_argument(
         "--cleanup-interval", type=float, default=60.0,
         help="seconds between two looks for builds whose hub order is gone (deleted here then; default 60)",
     )  # fmt: skip
@@ -93,6 +103,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.annotation = annotations
     if args.hub_kubeconfig is None and (args.hub_context or args.hub_name):
         parser.error("--hub-context and --hub-name need --hub-kubeconfig")
+    if not fleet.MIN_LEASE_SECONDS <= args.lease_duration <= fleet.MAX_LEASE_SECONDS:
+        parser.error(f"--lease-duration: between {fleet.MIN_LEASE_SECONDS} and {fleet.MAX_LEASE_SECONDS} seconds")
     for flag in ("build_concurrency", "cleanup_interval"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
@@ -127,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = build_agent_config(
         id=args.id, labels=tuple(args.label), annotations=args.annotation, concurrency=args.build_concurrency,
         namespaces=tuple(args.namespace), mark_waiting=spoke is None,
+        presence_namespace=args.presence_namespace or (args.namespace[0] if args.namespace else "default"),
+        lease_duration=args.lease_duration,
     )  # fmt: skip
     agent = ExecutorAgent(hub, executor, config)
     stop = threading.Event()

@@ -10,6 +10,7 @@ writes); the API server still checks those through server-side dry runs.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -235,13 +236,15 @@ def test_rbac_is_exactly_least_privilege(rendered: list[dict[str, Any]]) -> None
         ("", "events"): {"create"},
         (SW, "builds"): read | {"create", "patch"},
         (SW, "buildruns"): read | {"create", "patch"},
+        ("coordination.k8s.io", "leases"): read,
     }
     leader = find(rendered, "Role", "workorder-operator-leader")
     assert leader["metadata"]["namespace"] == SYSTEM_NS
-    assert rule_set(leader) == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+    assert rule_set(leader) == {("coordination.k8s.io", "leases"): {"get", "create", "update", "patch", "delete"}}
     assert rule_set(find(rendered, "ClusterRole", "workorder-agent")) == {
         (G, "workorders"): read,
         (G, "workorders/status"): {"get", "patch"},
+        ("coordination.k8s.io", "leases"): read | {"create", "patch", "delete"},
     }
     edit = find(rendered, "ClusterRole", "workorder-edit")
     assert rule_set(edit) == {
@@ -249,7 +252,11 @@ def test_rbac_is_exactly_least_privilege(rendered: list[dict[str, Any]]) -> None
         (G, "workorders/status"): {"get", "patch"},
     }
     view = find(rendered, "ClusterRole", "workorder-view")
-    assert rule_set(view) == {(G, "workorders"): read, (G, "workorders/status"): {"get"}}
+    assert rule_set(view) == {
+        (G, "workorders"): read,
+        (G, "workorders/status"): {"get"},
+        ("coordination.k8s.io", "leases"): read,
+    }
     aggregate = "rbac.authorization.k8s.io/aggregate-to-"
     assert {k for k, v in edit["metadata"]["labels"].items() if k.startswith(aggregate) and v == "true"} == {
         aggregate + "admin",
@@ -426,7 +433,8 @@ def test_operator_service_account(cluster: Cluster, installed: None, namespace: 
     forbidden(objs.delete_namespaced_custom_object, SW, SWV, namespace, "buildruns", "app-1")
     forbidden(objs.delete_namespaced_custom_object, SW, SWV, namespace, "builds", "app")
 
-    # Nothing else: no secrets, configmaps, pods; no leases outside its namespace.
+    # Nothing else: no secrets, configmaps, pods; no lease written outside its namespace (it reads
+    # the agents' presence leases everywhere).
     forbidden(core.read_namespaced_secret, "anything", namespace)
     forbidden(core.list_secret_for_all_namespaces)
     forbidden(core.create_namespaced_config_map, namespace, {"metadata": {"name": "c"}})
@@ -435,6 +443,13 @@ def test_operator_service_account(cluster: Cluster, installed: None, namespace: 
     coordination = client.CoordinationV1Api(api)
     lease = {"metadata": {"name": f"test-{uuid.uuid4().hex[:8]}"}, "spec": {"holderIdentity": "test"}}
     forbidden(coordination.create_namespaced_lease, namespace, lease)
+    client.CoordinationV1Api(cluster.api).create_namespaced_lease(namespace, lease)
+    coordination.list_lease_for_all_namespaces(label_selector="workorder.dev/presence=agent")
+    assert can_watch(coordination.list_namespaced_lease, namespace)
+    forbidden(
+        coordination.patch_namespaced_lease, lease["metadata"]["name"], namespace, {"spec": {"holderIdentity": "x"}}
+    )
+    forbidden(coordination.delete_namespaced_lease, lease["metadata"]["name"], namespace)
 
     # TTL: delete a finished order (last: the order is gone afterwards).
     objs.delete_namespaced_custom_object(G, V, namespace, P, "o1")
@@ -450,11 +465,14 @@ def test_operator_leader_election_lease(cluster: Cluster, installed: None) -> No
         lease = leases.read_namespaced_lease(name, SYSTEM_NS)
         lease.spec.holder_identity = "pod-b"
         leases.replace_namespaced_lease(name, SYSTEM_NS, lease)
-        forbidden(leases.list_namespaced_lease, SYSTEM_NS)
-        forbidden(leases.delete_namespaced_lease, name, SYSTEM_NS)
-        forbidden(leases.list_namespaced_lease, "kube-system")
+        # Its build agent's presence lease: renewed with a patch, withdrawn with a delete.
+        leases.patch_namespaced_lease(name, SYSTEM_NS, {"spec": {"leaseDurationSeconds": 30}})
+        leases.delete_namespaced_lease(name, SYSTEM_NS)
+        forbidden(leases.create_namespaced_lease, "kube-system", {"metadata": {"name": name}, "spec": {}})
+        forbidden(leases.delete_namespaced_lease, "kube-controller-manager", "kube-system")
     finally:
-        client.CoordinationV1Api(cluster.api).delete_namespaced_lease(name, SYSTEM_NS)
+        with contextlib.suppress(client.ApiException):
+            client.CoordinationV1Api(cluster.api).delete_namespaced_lease(name, SYSTEM_NS)
 
 
 def test_agent_role(cluster: Cluster, installed: None, namespace: str) -> None:
@@ -479,6 +497,20 @@ def test_agent_role(cluster: Cluster, installed: None, namespace: str) -> None:
     forbidden(objs.create_namespaced_custom_object, SW, SWV, namespace, "builds", BUILD)
     forbidden(client.CoreV1Api(api).list_namespaced_secret, namespace)
     forbidden(client.CoreV1Api(api).read_namespaced_secret, "anything", namespace)
+    # Its presence: announce, renew and withdraw its lease (the admission policy, not installed
+    # here, keeps it to its own); see its peers' (list, watch) to divide the queue with them.
+    leases = client.CoordinationV1Api(api)
+    presence = {"metadata": {"name": "workorder-agent-x", "labels": {"workorder.dev/presence": "agent"}},
+                "spec": {"holderIdentity": "x", "leaseDurationSeconds": 30}}  # fmt: skip
+    leases.create_namespaced_lease(namespace, presence)
+    leases.patch_namespaced_lease(
+        "workorder-agent-x", namespace, {"spec": {"renewTime": "2026-01-01T00:00:00.000000Z"}}
+    )
+    leases.read_namespaced_lease("workorder-agent-x", namespace)
+    assert [lease.metadata.name for lease in leases.list_namespaced_lease(namespace).items] == ["workorder-agent-x"]
+    assert can_watch(leases.list_namespaced_lease, namespace)
+    leases.delete_namespaced_lease("workorder-agent-x", namespace)
+    forbidden(leases.create_namespaced_lease, "default", presence)
     # Bound in one namespace: nothing elsewhere.
     forbidden(objs.list_cluster_custom_object, G, V, P)
     forbidden(objs.list_namespaced_custom_object, G, V, "default", P)

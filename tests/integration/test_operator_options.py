@@ -188,8 +188,9 @@ def test_events_are_rate_limited_and_the_dropped_ones_counted(
         w.join(120)
     port = free_port()
     # Only this namespace: orders other tests leave elsewhere in the shared cluster must not spend
-    # the event budget or count as dropped here.
-    start(f"--metrics-port={port}", scope=("--namespace", namespace))
+    # the event budget or count as dropped here; nor may NoMatchingAgent warnings on the expired
+    # orders (no agent takes them) once they wait longer than the unschedulable grace.
+    start(f"--metrics-port={port}", "--unschedulable-grace=0", scope=("--namespace", namespace))
     core = client.CoreV1Api(cluster.api)
 
     def expired() -> int:

@@ -77,6 +77,8 @@ def test_usage_runs_as_written(
     assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
     assert "workorder.workorder.dev/nightly-backup condition met" in out.stdout
     assert "backed-up" in out.stdout.splitlines()
+    # `kubectl workorder agents` listed the agent while it ran, Live.
+    assert any(line.split()[1:2] == ["backup"] and line.split()[-1] == "Live" for line in out.stdout.splitlines())
     order = WorkOrder.from_body(WorkOrders(cluster.api, "test").get("default", "nightly-backup"))
     assert order.status.phase == "Completed" and order.status.result == "backed-up"
 
@@ -117,6 +119,20 @@ def test_the_kubectl_only_agent_of_the_contract_as_written(
     assert "condition met" in out.stdout
     order = WorkOrder.from_body(WorkOrders(cluster.api, "test").get("default", "nightly-backup"))
     assert order.status.phase == "Completed" and order.status.result == "sha256:feed"
+
+
+@pytest.mark.skipif(shutil.which("kubectl-workorder") is None, reason="plugin not on PATH (make test)")
+def test_the_kubectl_only_presence_of_the_contract_as_written(
+    cluster: Cluster, env: dict[str, str], tmp_path: Path
+) -> None:
+    block = sh_block(REPO / "docs" / "CONTRACT.md", "## Agent presence: the Lease")
+    out = bash(block, tmp_path, env)
+    assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    listed = [
+        line.split() for line in out.stdout.splitlines() if line.startswith("6f1c2a9e-0000-4000-8000-000000000001")
+    ]
+    assert listed and listed[0][1] == "backup" and listed[0][-1] == "Live", out.stdout
+    assert 'lease.coordination.k8s.io "workorder-agent-6f1c2a9e-0000-4000-8000-000000000001" deleted' in out.stdout
 
 
 def _completed(cluster: Cluster, name: str) -> WorkOrder | None:
