@@ -31,7 +31,7 @@ from typing import Any
 
 from workorder_operator import fleet, lifecycle
 from workorder_operator.errors import Conflict, Failure, NotFound, Transient, WorkOrderError
-from workorder_operator.kube import ApiClient, OrderWatch, WorkOrders, api_error, whoami
+from workorder_operator.kube import ApiClient, OrderWatch, WorkOrders, api_error, keep_watching, whoami
 from workorder_operator.lifecycle import StatusWrite, TransitionError
 from workorder_operator.model import Phase, WorkOrder, utcnow
 from workorder_operator.presence import PresenceLeases
@@ -694,17 +694,7 @@ class PendingOrders:
                 del self._orders[order.key]
 
     def _loop(self) -> None:
-        backoff = 0.2
-        while not self._stop.is_set():
-            try:
-                self._list_and_watch()
-                backoff = 0.2
-            except Exception as exc:
-                if self._stop.is_set():
-                    return
-                log.warning("watch of pending orders interrupted (%s); reconnecting in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+        keep_watching(self._stop, "pending orders", self._list_and_watch)
 
     def _list_and_watch(self) -> None:
         bodies, version = self.agent.orders.list(self.agent.namespace, field_selector=self.agent._selector())

@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from workorder_operator import fleet, lifecycle, metrics
 from workorder_operator.errors import Conflict, NotFound
 from workorder_operator.fleet import Sighting
-from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders
+from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders, keep_watching
 from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
 from workorder_operator.model import Phase, Status, WorkOrder, utcnow
 from workorder_operator.presence import PresenceLeases
@@ -621,30 +621,23 @@ class PresenceFeed:
             watch.stop()
 
     def _run(self, namespace: str | None) -> None:
-        backoff = 0.2
+        keep_watching(self._stop, "presence leases", lambda: self._list_and_watch(namespace))
+
+    def _list_and_watch(self, namespace: str | None) -> None:
+        bodies, version = self.leases.list(namespace)
+        self._loop.call_soon_threadsafe(self.engine.presence_listed, bodies, namespace)
         while not self._stop.is_set():
+            watch = self.leases.watch(namespace, version)
+            self._watches.append(watch)
             try:
-                bodies, version = self.leases.list(namespace)
-                self._loop.call_soon_threadsafe(self.engine.presence_listed, bodies, namespace)
-                backoff = 0.2
-                while not self._stop.is_set():
-                    watch = self.leases.watch(namespace, version)
-                    self._watches.append(watch)
-                    try:
-                        for kind, body in watch:
-                            version = body.get("metadata", {}).get("resourceVersion", version)
-                            if kind != "BOOKMARK":
-                                self._loop.call_soon_threadsafe(self.engine.observe_presence, kind, body)
-                    finally:
-                        self._watches.remove(watch)
-                    if watch.gone:
-                        break  # too old: list again
-            except Exception as exc:
-                if self._stop.is_set():
-                    return
-                log.warning("watch of presence leases interrupted (%s); again in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                for kind, body in watch:
+                    version = body.get("metadata", {}).get("resourceVersion", version)
+                    if kind != "BOOKMARK":
+                        self._loop.call_soon_threadsafe(self.engine.observe_presence, kind, body)
+            finally:
+                self._watches.remove(watch)
+            if watch.gone:
+                return  # too old: list again
 
 
 def _name(body: dict[str, Any]) -> tuple[str, str]:

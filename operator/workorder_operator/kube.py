@@ -11,8 +11,9 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
 
 import urllib3
@@ -219,15 +220,10 @@ class WorkOrders:
         self, namespace: str | None = None, field_selector: str = "", label_selector: str = ""
     ) -> tuple[list[dict[str, Any]], str]:
         """All matching orders and the list's resourceVersion (to start a watch from)."""
-        kwargs: dict[str, Any] = {
-            "field_selector": field_selector, "label_selector": label_selector, "_request_timeout": timeout(),
-        }  # fmt: skip
-        with translated():
-            if namespace:
-                result = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
-            else:
-                result = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-        return list(result["items"]), str(result["metadata"]["resourceVersion"])
+        return list_objects(
+            self.objects, (GROUP, VERSION, PLURAL), namespace, field_selector=field_selector,
+            label_selector=label_selector,
+        )  # fmt: skip
 
     def list_versions(self, namespace: str | None = None) -> tuple[dict[str, str], str]:
         """uid -> namespace of every order (metadata only: no content), and the list's
@@ -256,13 +252,10 @@ class WorkOrders:
         self, namespace: str | None, field_selector: str = "", resource_version: str = "", timeout_seconds: int = 300
     ) -> OrderWatch:
         """One watch request from `resource_version` (from `list`): iterate it for events."""
-        kwargs: dict[str, Any] = {
-            "field_selector": field_selector, "resource_version": resource_version,
-            "timeout_seconds": timeout_seconds, "allow_watch_bookmarks": True,
-        }  # fmt: skip
-        if namespace:
-            return OrderWatch(self.objects.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL), kwargs)
-        return OrderWatch(self.objects.list_cluster_custom_object, (GROUP, VERSION, PLURAL), kwargs)
+        return watch_objects(
+            self.objects, (GROUP, VERSION, PLURAL), namespace, resource_version, timeout_seconds,
+            field_selector=field_selector,
+        )  # fmt: skip
 
     def create(self, body: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
         """Create an order (`order_body` builds one) in `namespace` or its own metadata.namespace."""
@@ -302,6 +295,58 @@ class WorkOrders:
                 )  # fmt: skip
         except Conflict as exc:
             raise Conflict(f"delete of {order.key} lost a race: {exc}", status=exc.status, body=exc.body) from exc
+
+
+def list_objects(
+    objects: client.CustomObjectsApi, kind: tuple[str, str, str], namespace: str | None, **selectors: str
+) -> tuple[list[dict[str, Any]], str]:
+    """Every object of `kind` (group, version, plural) matching the selectors, in `namespace` or
+    all, and the list's resourceVersion (to start a watch from)."""
+    group, version, plural = kind
+    with translated():
+        if namespace:
+            result = objects.list_namespaced_custom_object(
+                group, version, namespace, plural, **selectors, _request_timeout=timeout()
+            )
+        else:
+            result = objects.list_cluster_custom_object(group, version, plural, **selectors, _request_timeout=timeout())
+    return list(result["items"]), str(result["metadata"]["resourceVersion"])
+
+
+def watch_objects(
+    objects: client.CustomObjectsApi,
+    kind: tuple[str, str, str],
+    namespace: str | None,
+    resource_version: str,
+    timeout_seconds: int,
+    **selectors: str,
+) -> OrderWatch:
+    """One watch request over objects of `kind` from `resource_version` (from `list_objects`)."""
+    group, version, plural = kind
+    kwargs: dict[str, Any] = {
+        **selectors, "resource_version": resource_version, "timeout_seconds": timeout_seconds,
+        "allow_watch_bookmarks": True,
+    }  # fmt: skip
+    if namespace:
+        return OrderWatch(objects.list_namespaced_custom_object, (group, version, namespace, plural), kwargs)
+    return OrderWatch(objects.list_cluster_custom_object, (group, version, plural), kwargs)
+
+
+def keep_watching(stop: threading.Event, what: str, list_and_watch: Callable[[], None]) -> None:
+    """Run `list_and_watch` (a list, then watches from it until it is too old) again and again
+    until `stop`; after an error (an API server restart, a dropped connection) again after a
+    backoff from 0.2 s, doubling to 5 s while the errors go on."""
+    backoff = 0.2
+    while not stop.is_set():
+        try:
+            list_and_watch()
+            backoff = 0.2
+        except Exception as exc:
+            if stop.is_set():
+                return
+            log.warning("watch of %s interrupted (%s); reconnecting in %.1fs", what, exc, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
 
 
 class OrderWatch:

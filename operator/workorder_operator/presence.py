@@ -10,7 +10,7 @@ from kubernetes import client
 
 from workorder_operator.errors import Conflict, NotFound
 from workorder_operator.fleet import PRESENCE_LABEL, PRESENCE_VALUE
-from workorder_operator.kube import OrderWatch, timeout, translated
+from workorder_operator.kube import OrderWatch, list_objects, timeout, translated, watch_objects
 
 GROUP, VERSION, PLURAL = "coordination.k8s.io", "v1", "leases"
 SELECTOR = f"{PRESENCE_LABEL}={PRESENCE_VALUE}"
@@ -63,20 +63,11 @@ class PresenceLeases:
 
     def list(self, namespace: str | None = None) -> tuple[list[dict[str, Any]], str]:
         """Every presence lease (in `namespace`, or all) and the list's resourceVersion."""
-        kwargs: dict[str, Any] = {"label_selector": SELECTOR, "_request_timeout": timeout()}
-        with translated():
-            if namespace:
-                result = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
-            else:
-                result = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-        return list(result["items"]), str(result["metadata"]["resourceVersion"])
+        return list_objects(self.objects, (GROUP, VERSION, PLURAL), namespace, label_selector=SELECTOR)
 
     def watch(self, namespace: str | None, resource_version: str, timeout_seconds: int = 300) -> OrderWatch:
         """One watch request over presence leases from `resource_version` (from `list`)."""
-        kwargs: dict[str, Any] = {
-            "label_selector": SELECTOR, "resource_version": resource_version,
-            "timeout_seconds": timeout_seconds, "allow_watch_bookmarks": True,
-        }  # fmt: skip
-        if namespace:
-            return OrderWatch(self.objects.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL), kwargs)
-        return OrderWatch(self.objects.list_cluster_custom_object, (GROUP, VERSION, PLURAL), kwargs)
+        return watch_objects(
+            self.objects, (GROUP, VERSION, PLURAL), namespace, resource_version, timeout_seconds,
+            label_selector=SELECTOR,
+        )  # fmt: skip
