@@ -1128,3 +1128,47 @@ def test_an_agent_clock_ahead_by_exactly_the_tolerance_is_believed() -> None:
     assert lc.agent_time(NOW + lc.CLOCK_TOLERANCE + MICROSECOND, NOW) == NOW
     assert lc.agent_time(None, NOW) is None
     assert lc.agent_time(NOW + seconds(3600), None) == NOW + seconds(3600)
+
+
+# --- schedulability marks (issue 15) ------------------------------------------------------------
+
+
+def test_an_unschedulable_mark_is_one_condition_and_nothing_else() -> None:
+    body = pending()
+    write = lc.scheduling(read(body), NOW, ("NoMatchingAgent", "no live agent takes work type build"))
+    assert write.transition == "scheduling"
+    assert write.message == "no live agent takes work type build"
+    marked = store(body, write)
+    mark = conditions(marked["status"])["Schedulable"]
+    assert mark == {
+        "type": "Schedulable",
+        "status": "False",
+        "reason": "NoMatchingAgent",
+        "message": "no live agent takes work type build",
+        "lastTransitionTime": format_time(NOW),
+        "observedGeneration": 1,
+    }
+    # Everything else as it was: still Pending, still claimable, the other conditions untouched.
+    assert {k: v for k, v in marked["status"].items() if k != "conditions"} == {
+        k: v for k, v in body["status"].items() if k != "conditions"
+    }
+    assert [c for c in marked["status"]["conditions"] if c["type"] != "Schedulable"] == body["status"]["conditions"]
+    # Marked again (a new message): the transition time is the first one's.
+    again = store(marked, lc.scheduling(read(marked), NOW + SECOND, ("NoMatchingAgent", "x" * (MESSAGE_LIMIT + 5))))
+    mark = conditions(again["status"])["Schedulable"]
+    assert mark["lastTransitionTime"] == format_time(NOW)
+    assert mark["message"] == "x" * MESSAGE_LIMIT
+
+
+def test_clearing_the_mark_removes_the_condition_and_only_a_marked_pending_order_can_be_cleared() -> None:
+    body = pending()
+    marked = store(body, lc.scheduling(read(body), NOW, ("NoMatchingAgent", "nobody")))
+    write = lc.scheduling(read(marked), NOW + SECOND)
+    assert write.message == "an agent can take it"
+    assert store(marked, write)["status"]["conditions"] == body["status"]["conditions"]
+    with pytest.raises(TransitionError, match="is not marked unschedulable"):
+        lc.scheduling(read(body), NOW)
+    with pytest.raises(TransitionError, match="has no conditions yet"):
+        lc.scheduling(read(order_body()), NOW, ("NoMatchingAgent", "nobody"))
+    with pytest.raises(TransitionError):
+        lc.scheduling(read(claimed()), NOW, ("NoMatchingAgent", "nobody"))
