@@ -422,7 +422,10 @@ def test_agents_that_see_each_other_divide_the_queue_and_steal_what_waits_too_lo
     assert own and stolen, "12 orders, two agents: each ranks some first"
     claimed = {o.name: o.status.history[0].claimed_at for o in orders}
     assert all(o.status.history[0].agent == worker.id for o in orders)
-    assert max(claimed[o.name] for o in own) < min(claimed[o.name] for o in stolen), claimed
+    # Not "every own order before any stolen one": on a loaded machine creating the 12 orders can
+    # take longer than the steal delay, and then the peer's oldest orders are rightly stolen before
+    # the worker's newest (seen red once in a full run). What must hold is below: nothing of the
+    # peer's share is taken before it has waited the steal delay.
     for o in stolen:
         waited = (claimed[o.name] - o.created_at).total_seconds()
         assert waited >= fleet.STEAL_DELAY_SECONDS, f"{o.name} was taken from its agent after {waited:.1f}s"
