@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # lose in a row before it waits for its watch to catch up (its view of Pending orders is stale).
 CLAIM_WINDOW_MAX = 32
 LOST_RACES_PER_ROUND = 2
+# How long a starting agent waits for its first look at its peers before it claims anything.
+PEERS_FIRST_LOOK_SECONDS = 5.0
 
 
 __all__ = ["Agent", "Claim", "ClaimLost", "Failure"]
@@ -397,6 +399,8 @@ class Agent:
         if self.steal_delay is not None:
             self.peers = Peers(self, stop)
             self.peers.start()
+            # Dividing before the first look at the peers would take their share at start-up.
+            self.peers.ready.wait(PEERS_FIRST_LOOK_SECONDS)
         in_flight: dict[str, tuple[Claim, Future[None]]] = {}
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix="workorder-work")
         try:
@@ -604,6 +608,8 @@ class Peers:
         self._seen: dict[str, fleet.Sighting] = {}
         self._lock = threading.Lock()
         self._watch: OrderWatch | None = None
+        # Set once the first list answered or failed: then `live` says what this agent can know.
+        self.ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"peers-{agent.id[:8]}", daemon=True)
 
     def start(self) -> None:
@@ -626,6 +632,7 @@ class Peers:
                     self._seen = {}
                 for body in bodies:
                     self._saw("ADDED", body)
+                self.ready.set()
                 backoff = 0.5
                 while not self._stop.is_set():
                     self._watch = self.agent.leases.watch(self.agent.presence_namespace, version)
@@ -636,6 +643,7 @@ class Peers:
                     if self._watch.gone:
                         break
             except Exception as exc:
+                self.ready.set()  # best effort: without peers in view, take every candidate
                 if self._stop.is_set():
                     return
                 log.debug("agent %s: cannot follow its peers (%s); again in %.0fs", self.agent.id, exc, backoff)

@@ -399,10 +399,6 @@ def test_an_agent_cannot_forge_renew_or_delete_another_agents_presence(
 # --- agents divide the queue --------------------------------------------------------------------
 
 
-@pytest.mark.skip(
-    reason="timing-sensitive on a loaded machine (red in 2 of the last 3 full runs): the worker may claim before its "
-    "watch has seen the peer's lease; to be rewritten to wait until the worker sees its peer"
-)
 def test_agents_that_see_each_other_divide_the_queue_and_steal_what_waits_too_long(
     cluster: Cluster, namespace: str
 ) -> None:
