@@ -373,4 +373,4 @@ def divide(
             stale = []
         if limit is not None and len(out) >= limit:
             break
-    return out[:limit] if limit is not None else out
+    return out[:limit]  # a priority's stale orders may have gone past the limit

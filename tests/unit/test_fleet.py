@@ -99,6 +99,107 @@ def test_a_malformed_lease_is_refused_naming_the_field(change: Any, field: str) 
         fleet.parse_lease(body)
 
 
+def test_a_lease_body_is_exactly_the_format_of_the_contract() -> None:
+    """An agent in another language reads and writes these very keys (docs/CONTRACT.md)."""
+    agent = AgentIdentity(AGENT_A.upper(), ("zone-a", "gpu"), {"zone": "a", "arch": "arm64"})
+    renewal = fleet.lease_body(
+        agent, work_types=("build", "test"), user=ALICE, namespaces=("team-a", "team-b"), duration=29.6, now=NOW
+    )
+    assert renewal == {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": f"workorder-agent-{AGENT_A}",  # the id in lower case
+            "labels": {"workorder.dev/presence": "agent", "workorder.dev/agent-id": AGENT_A},
+            "annotations": {
+                "workorder.dev/user": ALICE,
+                "workorder.dev/work-types": '["build", "test"]',
+                "workorder.dev/labels": '["zone-a", "gpu"]',
+                "workorder.dev/annotations": '{"arch": "arm64", "zone": "a"}',  # keys sorted: renewals compare equal
+                "workorder.dev/namespaces": '["team-a", "team-b"]',
+            },
+        },
+        "spec": {
+            "holderIdentity": AGENT_A.upper(),
+            "leaseDurationSeconds": 30,
+            "renewTime": "2024-05-01T12:30:00.250000Z",
+        },
+    }
+    # Only the announcement that starts a term says when it was acquired.
+    start = fleet.lease_body(agent, work_types=(), user=ALICE, namespaces=(), duration=30, now=NOW, acquired=True)
+    assert start["spec"] == {**renewal["spec"], "acquireTime": "2024-05-01T12:30:00.250000Z"}
+    assert start["metadata"]["annotations"]["workorder.dev/work-types"] == "[]"
+
+
+def minimal(**spec: Any) -> dict[str, Any]:
+    """A lease as a person writes it with kubectl (docs/CONTRACT.md): the user and work types only."""
+    return {
+        "metadata": {
+            "name": f"workorder-agent-{AGENT_A}",
+            "namespace": "team-a",
+            "annotations": {"workorder.dev/user": ALICE, "workorder.dev/work-types": '["backup"]'},
+        },
+        "spec": {"holderIdentity": AGENT_A, "leaseDurationSeconds": 30, **spec},
+    }
+
+
+def test_a_minimal_lease_reads_with_the_defaults_of_the_contract() -> None:
+    p = fleet.parse_lease(minimal(renewTime="2024-05-01T12:30:00.250000Z"))
+    assert p.agent == AgentIdentity(AGENT_A, (), {}) and p.work_types == ("backup",) and p.user == ALICE
+    assert p.namespaces == ("team-a",) and p.renew_time == NOW and p.duration == 30
+    # Its last sign of life: renewTime, else acquireTime, else none (never renewed).
+    later = NOW + dt.timedelta(seconds=10)
+    both = minimal(renewTime="2024-05-01T12:30:10.250000Z", acquireTime="2024-05-01T12:30:00.250000Z")
+    assert fleet.parse_lease(both).renew_time == later
+    assert fleet.parse_lease(minimal(acquireTime="2024-05-01T12:30:00.250000Z")).renew_time == NOW
+    assert fleet.parse_lease(minimal()).renew_time is None
+    # Without annotations: every work type, no user (so it never speaks for a claim), no targeting.
+    bare = minimal()
+    del bare["metadata"]["annotations"]
+    p = fleet.parse_lease(bare)
+    assert (p.work_types, p.user, p.agent.labels, p.agent.annotations) == ((), "", (), {})
+    assert fleet.lost_reason(Sighting(p, NOW)) == (
+        f"agent {AGENT_A} lost: its presence lease team-a/workorder-agent-{AGENT_A} "
+        "was not renewed within 30s + 2s grace"
+    )
+    # Nor name nor namespace (not yet created): empty, never the string 'None'.
+    del bare["metadata"]["name"], bare["metadata"]["namespace"]
+    p = fleet.parse_lease(bare)
+    assert (p.name, p.namespace, p.namespaces, p.key) == ("", "", ("",), "/")
+
+
+def test_a_lease_term_is_a_whole_number_of_seconds_from_1_to_3600() -> None:
+    assert fleet.parse_lease(minimal(leaseDurationSeconds=1)).duration == 1
+    assert fleet.parse_lease(minimal(leaseDurationSeconds=3601)).duration == 3600  # believed up to an hour
+    for bad in (0, 1.5, "30"):
+        with pytest.raises(ValueError) as refused:
+            fleet.parse_lease(minimal(leaseDurationSeconds=bad))
+        assert str(refused.value) == f"spec.leaseDurationSeconds: {bad!r} is not a whole number of seconds >= 1"
+    # What an agent writes is always in range.
+    assert [fleet.lease_body(A, work_types=(), user=ALICE, namespaces=(), duration=d, now=NOW)["spec"]
+            ["leaseDurationSeconds"] for d in (0.2, 1.4, 7200)] == [1, 1, 3600]  # fmt: skip
+
+
+def test_a_malformed_lease_says_which_field_and_what_it_holds() -> None:
+    body = lease()
+    body["spec"]["holderIdentity"] = "node-1"
+    with pytest.raises(ValueError) as refused:
+        fleet.parse_lease(body)
+    assert str(refused.value).startswith("spec.holderIdentity 'node-1' is not a UUID")
+    # The value is quoted up to 80 characters.
+    long = "zone-a, " * 20
+    body = lease()
+    annotate(body, "workorder.dev/labels", long)
+    with pytest.raises(ValueError) as refused:
+        fleet.parse_lease(body)
+    assert str(refused.value) == f"annotation workorder.dev/labels: not JSON ({long[:80]!r})"
+    mapping = '{"zone": "' + "a" * 100 + '"}'
+    annotate(body, "workorder.dev/labels", mapping)
+    with pytest.raises(ValueError) as refused:
+        fleet.parse_lease(body)
+    assert str(refused.value) == f"annotation workorder.dev/labels: expected a JSON list, got {mapping[:80]!r}"
+
+
 # --- liveness -----------------------------------------------------------------------------------
 
 
@@ -125,6 +226,31 @@ def test_a_deleted_lease_is_lost_at_once() -> None:
     assert s.lost_at(2) == NOW + dt.timedelta(seconds=1)
     assert fleet.lost_reason(s) == f"agent {AGENT_A} (user {ALICE}) lost: its presence lease team-a/" + (
         f"workorder-agent-{AGENT_A} was deleted"
+    )
+
+
+def test_the_grace_given_is_the_grace_used() -> None:
+    p = fleet.parse_lease(lease(duration=5))
+    s = Sighting(p, NOW)
+    assert s.lost_at(0) == NOW + dt.timedelta(seconds=5)
+    assert s.lost_at(10) == NOW + dt.timedelta(seconds=15)
+    assert fleet.live([s], NOW + dt.timedelta(seconds=4.99), grace=0) == [p]
+    assert fleet.live([s], NOW + dt.timedelta(seconds=5), grace=0) == []
+    assert fleet.live([s], NOW + dt.timedelta(seconds=14.99), grace=10) == [p]
+    assert fleet.live([s], NOW + dt.timedelta(seconds=15), grace=10) == []
+
+
+def test_a_lease_never_renewed_is_lost_for_a_person_listing_and_lives_its_term_once_seen() -> None:
+    p = fleet.parse_lease(minimal())
+    assert fleet.lost_at(p) == dt.datetime.min.replace(tzinfo=dt.UTC) and fleet.lost_at(p) < NOW
+    assert Sighting(p, NOW).lost_at() == NOW + dt.timedelta(seconds=32)
+
+
+def test_a_lapsed_lease_says_who_and_when_it_was_last_renewed() -> None:
+    s = Sighting(fleet.parse_lease(lease(duration=5)), NOW)
+    assert fleet.lost_reason(s) == (
+        f"agent {AGENT_A} (user {ALICE}) lost: its presence lease team-a/workorder-agent-{AGENT_A} "
+        "was not renewed within 5s + 2s grace; last renewal 2024-05-01T12:30:00.250000Z"
     )
 
 
@@ -213,6 +339,21 @@ def test_the_schedulable_mark_is_a_condition_only_and_any_claim_drops_it() -> No
     assert read(claimed_body).status.condition("Schedulable") is None
     cleared = read(store(marked_body, lc.scheduling(marked, NOW)))
     assert cleared.status.condition("Schedulable") is None and lc.conditions_true(cleared)
+
+
+def test_an_unschedulable_order_says_all_it_asks_for_and_how_many_agents_are_there() -> None:
+    wants = pending(targeting={"agentIds": [AGENT_B], "labels": ["gpu"], "annotations": {"arch": "x86"}})
+    targeting = f"agentIds ['{AGENT_B}'], labels ['gpu'], annotations {{'arch': 'x86'}}"
+    tail = "announced here; see kubectl workorder agents)"
+    assert fleet.no_agent_message(wants, []) == (
+        f"no live agent takes work type build with targeting {targeting} in namespace team-a (0 live agents {tail}"
+    )
+    two = [fleet.parse_lease(lease()), fleet.parse_lease(lease(AgentIdentity(AGENT_B)))]
+    elsewhere = fleet.parse_lease(lease(AgentIdentity(AGENT_B), namespace="team-b"))
+    assert fleet.no_agent_message(pending(), [*two, elsewhere]) == (
+        f"no live agent takes work type build in namespace team-a (2 live agents {tail}"
+    )
+    assert fleet.no_agent_message(pending(), two[:1]).endswith(f"(1 live agent {tail}")
 
 
 # --- the engine: fast failover ------------------------------------------------------------------
@@ -386,3 +527,66 @@ def test_an_agent_tries_the_orders_it_ranks_first_and_any_that_waited_past_the_s
     released = read(store(b, lc.release(read(b), AGENT_B, 1, fresh + dt.timedelta(hours=1, seconds=1))))
     assert fleet.divide([released], me, [peer], fresh + dt.timedelta(hours=1, seconds=2), 2) == []
     assert fleet.divide([released], me, [peer], fresh + dt.timedelta(hours=1, seconds=3), 2) == [released]
+
+
+def test_the_weight_is_the_contracts_known_answer() -> None:
+    """sha256("6f1c2a9e-0000-4000-8000-00000000000a/5b8e0c0e-1d2f-4c3b-8a9e-7f6d5c4b3a21"), first 8 bytes
+    big-endian: the same in any language (checked with sha256sum), whatever the case of the ids."""
+    assert fleet.weight("6F1C2A9E-0000-4000-8000-00000000000A", AGENT_A.upper()) == 0x9D00E55354F25475
+
+
+def test_an_order_no_agent_takes_is_ranked_by_nobody() -> None:
+    picky = fleet.parse_lease(lease(types=("other",)))
+    assert fleet.ranked_first(pending(), []) is None and fleet.ranked_first(pending(), [picky]) is None
+
+
+def share(me: fleet.Presence, peer: fleet.Presence, owner: fleet.Presence, priority: int, skip: int = 0) -> WorkOrder:
+    """A fresh order of `priority` that `owner` ranks first of me and peer."""
+    return [pending(i, priority=priority) for i in range(1000, 1100)
+            if fleet.ranked_first(pending(i), [me, peer]) == owner.agent.id][skip]  # fmt: skip
+
+
+def test_within_each_priority_an_agent_takes_its_share_before_the_orders_it_steals() -> None:
+    me = fleet.parse_lease(lease(AgentIdentity(AGENT_A), types=()))
+    peer = fleet.parse_lease(lease(AgentIdentity(AGENT_B), types=()))
+    theirs, mine, low = share(me, peer, peer, 5), share(me, peer, me, 5), share(me, peer, me, 0, skip=1)
+    late = theirs.created_at + dt.timedelta(seconds=2)
+    assert fleet.divide([low, theirs, mine], me, [peer], late, 2) == [mine, theirs, low]
+
+
+def test_an_agent_is_judged_by_what_it_takes_now_not_by_its_own_lease_among_its_peers() -> None:
+    """Its peers are all the leases it sees, its own included, which may still say what it took
+    before a restart: that read does not rank orders for it."""
+    me = fleet.parse_lease(lease(AgentIdentity(AGENT_A), types=("test",)))
+    before = fleet.parse_lease(lease(AgentIdentity(AGENT_A), types=()))
+    order = pending()
+    assert fleet.divide([order], me, [before], order.created_at, 2) == []
+    assert fleet.divide([order], me, [before], order.created_at + dt.timedelta(seconds=2), 2) == [order]
+
+
+def test_the_caller_s_cache_of_first_ranked_agents_is_filled_and_believed() -> None:
+    me = fleet.parse_lease(lease(AgentIdentity(AGENT_A), types=()))
+    peer = fleet.parse_lease(lease(AgentIdentity(AGENT_B), types=()))
+    orders = [pending(i) for i in range(20)]
+    fresh = orders[0].created_at
+    owners: dict[str, str | None] = {}
+    mine = fleet.divide(orders, me, [peer], fresh, 2, owners=owners)
+    assert owners == {o.uid: fleet.ranked_first(o, [me, peer]) for o in orders}
+    # The order's ranking is taken from the cache (the caller empties it when the agents change).
+    assert fleet.divide(orders, me, [peer], fresh, 2, owners=dict.fromkeys(owners, AGENT_A)) == orders
+    assert fleet.divide(orders, me, [peer], fresh, 2, owners=owners) == mine
+
+
+def test_with_a_limit_only_the_first_wanted_orders_are_ranked() -> None:
+    me = fleet.parse_lease(lease(AgentIdentity(AGENT_A), types=()))
+    peer = fleet.parse_lease(lease(AgentIdentity(AGENT_B), types=()))
+    orders = [pending(i) for i in range(40)]
+    fresh = orders[0].created_at
+    mine = fleet.divide(orders, me, [peer], fresh, 2)
+    owners: dict[str, str | None] = {}
+    assert fleet.divide(orders, me, [peer], fresh, 2, limit=3, owners=owners) == mine[:3]
+    assert list(owners) == [o.uid for o in orders[: orders.index(mine[2]) + 1]]  # not one order more
+    # Past the steal delay a priority's stolen orders come at once, and the list still stops at the limit.
+    later = fresh + dt.timedelta(seconds=2)
+    everything = fleet.divide(orders, me, [peer], later, 2)
+    assert fleet.divide(orders, me, [peer], later, 2, limit=len(mine) + 1) == everything[: len(mine) + 1]
