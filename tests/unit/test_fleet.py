@@ -564,17 +564,18 @@ def test_an_agent_is_judged_by_what_it_takes_now_not_by_its_own_lease_among_its_
     assert fleet.divide([order], me, [before], order.created_at + dt.timedelta(seconds=2), 2) == [order]
 
 
-def test_the_caller_s_cache_of_first_ranked_agents_is_filled_and_believed() -> None:
+def test_the_caller_s_cache_of_ranks_is_believed() -> None:
     me = fleet.parse_lease(lease(AgentIdentity(AGENT_A), types=()))
     peer = fleet.parse_lease(lease(AgentIdentity(AGENT_B), types=()))
     orders = [pending(i) for i in range(20)]
     fresh = orders[0].created_at
-    owners: dict[str, str | None] = {}
-    mine = fleet.divide(orders, me, [peer], fresh, 2, owners=owners)
-    assert owners == {o.uid: fleet.ranked_first(o, [me, peer]) for o in orders}
-    # The order's ranking is taken from the cache (the caller empties it when the agents change).
-    assert fleet.divide(orders, me, [peer], fresh, 2, owners=dict.fromkeys(owners, AGENT_A)) == orders
-    assert fleet.divide(orders, me, [peer], fresh, 2, owners=owners) == mine
+    ranks: dict[str, int] = {}
+    mine = fleet.divide(orders, me, [peer], fresh, 2, ranks=ranks)
+    assert mine != orders and set(ranks) == {o.uid for o in orders}
+    # An order's rank is taken from the cache, not computed again (the caller empties it when the
+    # agents change).
+    assert fleet.divide(orders, me, [peer], fresh, 2, ranks=dict.fromkeys(ranks, 0)) == orders
+    assert fleet.divide(orders, me, [peer], fresh, 2, ranks=ranks) == mine
 
 
 def test_with_a_limit_only_the_first_wanted_orders_are_ranked() -> None:
@@ -583,10 +584,36 @@ def test_with_a_limit_only_the_first_wanted_orders_are_ranked() -> None:
     orders = [pending(i) for i in range(40)]
     fresh = orders[0].created_at
     mine = fleet.divide(orders, me, [peer], fresh, 2)
-    owners: dict[str, str | None] = {}
-    assert fleet.divide(orders, me, [peer], fresh, 2, limit=3, owners=owners) == mine[:3]
-    assert list(owners) == [o.uid for o in orders[: orders.index(mine[2]) + 1]]  # not one order more
+    ranks: dict[str, int] = {}
+    assert fleet.divide(orders, me, [peer], fresh, 2, limit=3, ranks=ranks) == mine[:3]
+    assert list(ranks) == [o.uid for o in orders[: orders.index(mine[2]) + 1]]  # not one order more
     # Past the steal delay a priority's stolen orders come at once, and the list still stops at the limit.
     later = fresh + dt.timedelta(seconds=2)
     everything = fleet.divide(orders, me, [peer], later, 2)
     assert fleet.divide(orders, me, [peer], later, 2, limit=len(mine) + 1) == everything[: len(mine) + 1]
+
+
+def test_on_a_backlog_agents_steal_the_orders_they_rank_next_first_so_they_steal_different_ones() -> None:
+    agents = [fleet.parse_lease(lease(AgentIdentity(f"00000000-0000-4000-8000-{k:012d}"), types=()))
+              for k in range(4)]  # fmt: skip
+    orders = [pending(i) for i in range(200)]
+    waited = orders[0].created_at + dt.timedelta(seconds=3)  # every order is past the steal delay
+    me, peers = agents[0], agents[1:]
+    tried = fleet.divide(orders, me, peers, waited, steal_delay=2)
+    assert sorted(o.uid for o in tried) == sorted(o.uid for o in orders)  # nothing left waiting
+    rank = [fleet.ranking(o, agents).index(me.agent.id) for o in tried]
+    assert rank == sorted(rank), "its own share, then the orders it ranks second, third, fourth"
+    for r in range(4):  # offer order (oldest first) within a rank
+        group = [o for o, k in zip(tried, rank, strict=True) if k == r]
+        assert group == [o for o in orders if o in group]
+    # The first stolen orders of two agents differ: they do not all race for the oldest one.
+    firsts = []
+    for a in agents:
+        first_stolen = next(o for o in fleet.divide(orders, a, [p for p in agents if p is not a], waited, 2)
+                            if fleet.ranked_first(o, agents) != a.agent.id)  # fmt: skip
+        firsts.append(first_stolen.uid)
+    assert len(set(firsts)) == len(agents)
+    # The cache of ranks gives the same answer and holds this agent's rank per order.
+    ranks: dict[str, int] = {}
+    assert fleet.divide(orders, me, peers, waited, 2, ranks=ranks) == tried
+    assert ranks == {o.uid: fleet.ranking(o, agents).index(me.agent.id) for o in orders}
