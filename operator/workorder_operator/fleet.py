@@ -366,7 +366,7 @@ def divide(
     cache = ranks if ranks is not None else {}
     ordered = sorted(candidates, key=lambda o: -o.spec.priority)  # stable: offer order within a priority
     out: list[WorkOrder] = []
-    stale: list[tuple[int, int, WorkOrder]] = []
+    stale: list[tuple[int, WorkOrder]] = []
     for k, order in enumerate(ordered):
         if order.uid not in cache:
             ranked = ranking(order, agents)
@@ -374,9 +374,10 @@ def divide(
         if cache[order.uid] == 0:
             out.append(order)
         elif now - waiting_since(order) >= late:
-            stale.append((cache[order.uid], k, order))
+            stale.append((cache[order.uid], order))
         if k + 1 == len(ordered) or ordered[k + 1].spec.priority != order.spec.priority:
-            out.extend(o for _, _, o in sorted(stale, key=lambda s: s[:2]))  # after its own, by rank
+            # After its own, by rank; the sort is stable, so offer order within a rank.
+            out.extend(o for _, o in sorted(stale, key=lambda s: s[0]))
             stale = []
         if limit is not None and len(out) >= limit:
             break

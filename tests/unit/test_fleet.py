@@ -533,6 +533,11 @@ def test_the_weight_is_the_contracts_known_answer() -> None:
     """sha256("6f1c2a9e-0000-4000-8000-00000000000a/5b8e0c0e-1d2f-4c3b-8a9e-7f6d5c4b3a21"), first 8 bytes
     big-endian: the same in any language (checked with sha256sum), whatever the case of the ids."""
     assert fleet.weight("6F1C2A9E-0000-4000-8000-00000000000A", AGENT_A.upper()) == 0x9D00E55354F25475
+    # The highest weight ranks first: B's is 0x85427B9F8E44CEF9, C's 0x34B9D056D8EDEFFC.
+    c = "00000000-0000-4000-8000-000000000099"
+    order = read(initialised(order_body({"workType": "build"}, uid="6f1c2a9e-0000-4000-8000-00000000000a")))
+    agents = [fleet.parse_lease(lease(AgentIdentity(i), types=())) for i in (c, AGENT_B, AGENT_A)]
+    assert fleet.ranking(order, agents) == [AGENT_A, AGENT_B, c] and fleet.ranked_first(order, agents) == AGENT_A
 
 
 def test_an_order_no_agent_takes_is_ranked_by_nobody() -> None:
