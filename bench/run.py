@@ -1,6 +1,6 @@
 """Run the benchmarks in sequence (each on its own local control plane) and summarise them.
 
-    python bench/run.py                 # all five, full sizes (what `make bench` runs)
+    python bench/run.py                 # all six, full sizes (what `make bench` runs)
     python bench/run.py --quick         # small sizes: a smoke run of a few minutes
     python bench/run.py --only scale    # one of them (repeatable)
 
@@ -30,6 +30,7 @@ from workorder_operator.model import utcnow
 BENCHMARKS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "throughput": throughput.run,
     "deadlines": deadlines.run,
+    "lowload": deadlines.run_low_load,
     "scale": scale.run,
     "contention": contention.run,
     "guards": guards.run,

@@ -81,8 +81,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             plane.stop()
 
 
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
+def _fresh_namespace(cluster: Cluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"
     core = client.CoreV1Api(cluster.api)
     core.create_namespace({"metadata": {"name": name, "labels": {"workorder.dev/test": "true"}}})
@@ -91,17 +90,25 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A namespace of the test's own, deleted after it."""
+    yield from _fresh_namespace(cluster)
+
+
+@pytest.fixture
+def other_namespace(cluster: Cluster) -> Iterator[str]:
+    """A second one, for tests about more than one namespace."""
+    yield from _fresh_namespace(cluster)
+
+
+@pytest.fixture
 def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     """A running operator (all namespaces) for one test; its leader-election Lease lives in the
     test's namespace, so a crashed operator of an earlier test never holds it."""
-    proc = OperatorProcess(
+    with OperatorProcess(
         cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces", f"--leader-election-namespace={namespace}"
-    )
-    proc.start()
-    try:
+    ).running() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -158,6 +158,25 @@ class Agent:
         return WorkOrder.from_body(self.orders.write_status(order, write))
 
 
+# What a new order's status reads as before anyone wrote it: the CRD's defaults.
+DEFAULT_STATUS = {"phase": "Pending", "reason": "Pending", "attempt": 0, "retryCount": 0, "observedGeneration": 0}
+
+# What `agent run` runs in the kill -9 tests: each execution is logged as "<who> <order> <attempt>"
+# in WORKDIR/executions.log; agent "A" records its pid in WORKDIR/<order>.pid and hangs until
+# killed, any other agent finishes at once. Arguments: WORKDIR WHO.
+KILLABLE_WORK = """
+import os, pathlib, sys, time
+workdir, who = pathlib.Path(sys.argv[1]), sys.argv[2]
+name, attempt = os.environ["WORKORDER_NAME"], os.environ["WORKORDER_ATTEMPT"]
+with open(workdir / "executions.log", "a") as log:
+    log.write(f"{who} {name} {attempt}\\n")
+if who == "A":
+    (workdir / f"{name}.pid").write_text(str(os.getpid()))
+    time.sleep(600)
+print(f"done by {who}")
+"""
+
+
 class OperatorProcess:
     """The real `workorder-operator` as a child process; always stopped by the fixture."""
 
@@ -198,6 +217,15 @@ class OperatorProcess:
         except BaseException:
             self.stop()  # never leave a half-started operator behind
             raise
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[OperatorProcess]:
+        """Started, and stopped on the way out whatever happened (for fixtures)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
 
     def kill(self) -> None:
         """kill -9: no clean-up, as a crash would be."""

@@ -244,10 +244,10 @@ class Agent:
         self.left_behind = False
         self.steal_delay = steal_delay
         # The live agents `run` sees (presence leases in its presence namespace), if it looks, and
-        # which agent ranks each order first among them (by order uid; for `_owners_of` agents).
+        # this agent's rank for each order among them (by order uid; for `_ranks_of` agents).
         self.peers: Peers | None = None
-        self._owners: dict[str, str | None] = {}
-        self._owners_of: tuple[str, ...] = ()
+        self._ranks: dict[str, int] = {}
+        self._ranks_of: tuple[str, ...] = ()
         # One field manager for all agents of a kind (the SDK's, the plugin's): managedFields stays
         # one entry however many agents write.
         self.orders = WorkOrders(api, field_manager)
@@ -452,13 +452,13 @@ class Agent:
         )  # fmt: skip
         peers = self.peers.live()
         seen = tuple(sorted(p.key for p in peers))
-        if seen != self._owners_of:  # another set of agents ranks orders anew
-            self._owners, self._owners_of = {}, seen
-        if len(self._owners) > 4 * len(candidates) + 1024:  # forget orders long gone
-            self._owners = {}
+        if seen != self._ranks_of:  # another set of agents ranks orders anew
+            self._ranks, self._ranks_of = {}, seen
+        if len(self._ranks) > 4 * len(candidates) + 1024:  # forget orders long gone
+            self._ranks = {}
         # A claim round tries a few of the first candidates (see _spread, _claim_from).
         return fleet.divide(candidates, me, peers, utcnow(), self.steal_delay, limit=CLAIM_WINDOW_MAX + 1,
-                            owners=self._owners)  # fmt: skip
+                            ranks=self._ranks)  # fmt: skip
 
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
         for lost, order in enumerate(self._spread(self._divided(pending.snapshot()))):

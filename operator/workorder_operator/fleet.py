@@ -320,10 +320,15 @@ def weight(order_uid: str, agent_id: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
+def ranking(order: WorkOrder, agents: Iterable[Presence]) -> list[str]:
+    """The ids of the `agents` that would take the order, the highest weight first."""
+    takers = {a.agent.id.lower() for a in agents if a.takes(order)}
+    return sorted(takers, key=lambda agent_id: (weight(order.uid, agent_id), agent_id), reverse=True)
+
+
 def ranked_first(order: WorkOrder, agents: Iterable[Presence]) -> str | None:
     """The id of the agent that ranks the order first among `agents` that would take it."""
-    takers = {a.agent.id.lower() for a in agents if a.takes(order)}
-    return max(takers, key=lambda agent_id: (weight(order.uid, agent_id), agent_id), default=None)
+    return next(iter(ranking(order, agents)), None)
 
 
 def waiting_since(order: WorkOrder) -> dt.datetime:
@@ -343,34 +348,36 @@ def divide(
     steal_delay: float = STEAL_DELAY_SECONDS,
     *,
     limit: int | None = None,
-    owners: dict[str, str | None] | None = None,
+    ranks: dict[str, int] | None = None,
 ) -> list[WorkOrder]:
     """The candidates this agent should try, in the order to try them: of each priority (highest
-    first), those it ranks first among the live agents that admit them (itself included), then
-    those that have waited longer than `steal_delay` for the agent that ranks them first, so
-    nothing waits on a dead or slow agent. Within each group the offer order (oldest first) is
-    kept. Agents that see each other thus divide the queue instead of all racing for the oldest
-    order; a backlog is worked by each from its own share until it runs out.
+    first), those it ranks first among the live agents that admit them (itself included), in offer
+    order (oldest first); then those that have waited longer than `steal_delay` for the agent that
+    ranks them first, so nothing waits on a dead or slow agent: those it ranks second first, then
+    third, and so on (offer order within a rank). Agents that see each other thus divide the queue
+    instead of all racing for the oldest order, and on a backlog they steal different orders too.
 
     `limit`: the most wanted (the rest of the list is not ranked: a claim loop tries a few).
-    `owners`: a cache of each order's first-ranked agent (by uid) for these same agents; the
-    caller empties it when the agents change (an order's spec, hence its ranking, never does)."""
+    `ranks`: a cache of this agent's rank for each order (by uid; 0 = first) among these same
+    agents; the caller empties it when the agents change (an order's spec, hence its ranking,
+    never does)."""
     agents = [me, *(p for p in peers if p.agent.id.lower() != me.agent.id.lower())]
     late = dt.timedelta(seconds=steal_delay)
     mine = me.agent.id.lower()
-    cache = owners if owners is not None else {}
+    cache = ranks if ranks is not None else {}
     ordered = sorted(candidates, key=lambda o: -o.spec.priority)  # stable: offer order within a priority
     out: list[WorkOrder] = []
-    stale: list[WorkOrder] = []
+    stale: list[tuple[int, int, WorkOrder]] = []
     for k, order in enumerate(ordered):
         if order.uid not in cache:
-            cache[order.uid] = ranked_first(order, agents)
-        if cache[order.uid] == mine:
+            ranked = ranking(order, agents)
+            cache[order.uid] = ranked.index(mine) if mine in ranked else len(agents)
+        if cache[order.uid] == 0:
             out.append(order)
         elif now - waiting_since(order) >= late:
-            stale.append(order)
+            stale.append((cache[order.uid], k, order))
         if k + 1 == len(ordered) or ordered[k + 1].spec.priority != order.spec.priority:
-            out.extend(stale)  # the end of a priority: its stale orders after its own
+            out.extend(o for _, _, o in sorted(stale, key=lambda s: s[:2]))  # after its own, by rank
             stale = []
         if limit is not None and len(out) >= limit:
             break

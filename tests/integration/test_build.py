@@ -340,15 +340,11 @@ def test_operator_restart_mid_build_resumes_the_same_buildrun(
 
 @pytest.fixture
 def impatient_operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
+    with OperatorProcess(
         cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces", f"--leader-election-namespace={namespace}",
         "--buildrun-start-timeout=3",
-    )  # fmt: skip
-    proc.start()
-    try:
+    ).running() as proc:  # fmt: skip
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_a_buildrun_that_never_starts_is_cancelled_and_retried(

@@ -38,7 +38,7 @@ from kubernetes import client, config
 
 from devcluster import envtest
 from tests.conftest import Cluster
-from tests.support import CRDS, OperatorProcess, create_order, sample, scrape, wait_for
+from tests.support import CRDS, KILLABLE_WORK, OperatorProcess, create_order, sample, scrape, wait_for
 from tests.support import Agent as Claimer
 from tests.support import RunningAgent as Running
 from tests.tekton import KANIKO_BUILD
@@ -518,18 +518,6 @@ def test_an_api_outage_leaves_no_traceback_in_the_operator_log(restart_run: Rest
 
 # --- 3. an agent holding claims is killed -----------------------------------------------------
 
-AGENT_SCRIPT = """
-import os, pathlib, sys, time
-workdir, who = pathlib.Path(sys.argv[1]), sys.argv[2]
-name, attempt = os.environ["WORKORDER_NAME"], os.environ["WORKORDER_ATTEMPT"]
-with open(workdir / "executions.log", "a") as log:
-    log.write(f"{who} {name} {attempt}\\n")
-if who == "A":
-    (workdir / f"{name}.pid").write_text(str(os.getpid()))
-    time.sleep(600)
-print(f"done by {who}")
-"""
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -557,7 +545,7 @@ def _agent_run(kubeconfig: Path, namespace: str, agent_id: str, workdir: Path, w
 def test_an_agent_killed_while_holding_claims_loses_them_to_another(
     cluster: Cluster, namespace: str, operator: OperatorProcess, tmp_path: Path
 ) -> None:
-    (tmp_path / "work.py").write_text(AGENT_SCRIPT)
+    (tmp_path / "work.py").write_text(KILLABLE_WORK)
     a_id, b_id = str(uuid.uuid4()), str(uuid.uuid4())
     names = [f"job-{k}" for k in range(4)]
     for name in names:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubernetes import client
 
 from tests.conftest import Cluster
 from tests.support import Agent, create_order, wait_for
@@ -416,22 +415,16 @@ def test_agent_run_labels_and_annotations_admit_targeted_orders(
     assert "for-cpu" not in out and "for-us" not in out
 
 
-def test_agent_run_all_namespaces(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
-    core = client.CoreV1Api(cluster.api)
-    other = f"t-{uuid.uuid4().hex[:10]}"
-    core.create_namespace({"metadata": {"name": other, "labels": {"workorder.dev/test": "true"}}})
+def test_agent_run_all_namespaces(cluster: Cluster, namespace: str, other_namespace: str, tmp_path: Path) -> None:
     # A work type no other test uses: -A sees every namespace of the shared cluster.
     work_type = f"script-{uuid.uuid4().hex[:6]}"
+    for ns in (namespace, other_namespace):
+        create_order(cluster.api, ns, "here", workType=work_type, yamlContent="mode: ok")
+    # Only that type: with `script` too it would also take (oldest first) other tests' leftovers.
+    proc = start_agent(cluster, namespace, tmp_path, "-A", work_type=work_type)
+    a = Agent(cluster.api, AGENT_ID)
     try:
-        for ns in (namespace, other):
-            create_order(cluster.api, ns, "here", workType=work_type, yamlContent="mode: ok")
-        # Only that type: with `script` too it would also take (oldest first) other tests' leftovers.
-        proc = start_agent(cluster, namespace, tmp_path, "-A", work_type=work_type)
-        a = Agent(cluster.api, AGENT_ID)
-        try:
-            for ns in (namespace, other):
-                wait_for(lambda n=ns: a.read(n, "here").status.phase == "Completed", timeout=20, what=ns)  # type: ignore[misc]
-        finally:
-            stop_agent(proc)
+        for ns in (namespace, other_namespace):
+            wait_for(lambda n=ns: a.read(n, "here").status.phase == "Completed", timeout=20, what=ns)  # type: ignore[misc]
     finally:
-        core.delete_namespace(other)
+        stop_agent(proc)

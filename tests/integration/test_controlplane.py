@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from devcluster import envtest
 from tests.conftest import Cluster
-from tests.support import CRDS, wait_for
+from tests.support import CRDS, DEFAULT_STATUS, wait_for
 
 G, V, P = "workorder.dev", "v1alpha1", "workorders"
 
@@ -130,13 +130,7 @@ def test_our_crd_has_a_status_subresource_with_defaults(cluster: Cluster, namesp
     body["status"] = {"phase": "Completed"}
     created = api.create_namespaced_custom_object(G, V, namespace, P, body)
     # The status sent with a create is dropped; what reads back is the CRD's default.
-    assert created["status"] == {
-        "phase": "Pending",
-        "reason": "Pending",
-        "attempt": 0,
-        "retryCount": 0,
-        "observedGeneration": 0,
-    }
+    assert created["status"] == DEFAULT_STATUS
     patched = api.patch_namespaced_custom_object_status(
         G, V, namespace, P, "a",
         [{"op": "add", "path": "/status", "value": {"phase": "Claimed"}},

@@ -26,15 +26,11 @@ def readme_example() -> str:
 def echo_operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     script = tmp_path / "my_operator.py"
     script.write_text(readme_example())
-    proc = OperatorProcess(
+    with OperatorProcess(
         cluster.kubeconfig, tmp_path / "operator.log", "-n", namespace, "--no-leader-election",
         command=(str(script),),
-    )  # fmt: skip
-    proc.start()
-    try:
+    ).running() as proc:  # fmt: skip
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_the_readme_executor_runs_its_orders_and_rejects_content_it_cannot_run(

@@ -23,6 +23,7 @@ from kubernetes import client, config
 from tests.conftest import Cluster
 from tests.support import (
     API_ERRORS,
+    KILLABLE_WORK,
     OperatorProcess,
     RunningAgent,
     admission_policies,
@@ -39,18 +40,6 @@ from workorder_operator.targeting import AgentIdentity
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = shutil.which("kubectl-workorder")
 needs_plugin = pytest.mark.skipif(PLUGIN is None, reason="plugin not on PATH (make test)")
-
-WORK = """
-import os, pathlib, sys, time
-workdir, who = pathlib.Path(sys.argv[1]), sys.argv[2]
-name, attempt = os.environ["WORKORDER_NAME"], os.environ["WORKORDER_ATTEMPT"]
-with open(workdir / "executions.log", "a") as log:
-    log.write(f"{who} {name} {attempt}\\n")
-if who == "A":
-    (workdir / f"{name}.pid").write_text(str(os.getpid()))
-    time.sleep(600)
-print(f"done by {who}")
-"""
 
 
 def read(cluster: Cluster, namespace: str, name: str) -> WorkOrder:
@@ -130,7 +119,7 @@ def holding(agent: Agent) -> Iterator[threading.Event]:
 def test_agents_announce_themselves_are_listed_and_withdraw_on_a_clean_stop(
     cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
-    (tmp_path / "work.py").write_text(WORK)
+    (tmp_path / "work.py").write_text(KILLABLE_WORK)
     cli_id = str(uuid.uuid4())
     sdk = Agent(cluster.api, str(uuid.uuid4()), work_types=["report"], labels=["zone-a"],
                 annotations={"arch": "arm64"}, namespace=namespace, lease_duration=6)  # fmt: skip
@@ -179,7 +168,7 @@ def test_kill_9_of_an_agent_returns_its_claim_within_the_lease_and_only_its_clai
     """Agent A (`agent run`, a 5 s lease) holds an order whose claimTimeoutSeconds is 3600; an SDK
     agent holds another. kill -9 of A: its order is Pending again within 5 s + 5 s, with an
     AgentLost event, and agent B runs it; the other agent's claim is untouched."""
-    (tmp_path / "work.py").write_text(WORK)
+    (tmp_path / "work.py").write_text(KILLABLE_WORK)
     a_id, b_id = str(uuid.uuid4()), str(uuid.uuid4())
     bystander = Agent(cluster.api, str(uuid.uuid4()), work_types=["report"], namespace=namespace, lease_duration=5)
     create_order(cluster.api, namespace, "victim", workType="script", claimTimeoutSeconds=3600)
@@ -241,15 +230,11 @@ def test_kill_9_of_an_agent_returns_its_claim_within_the_lease_and_only_its_clai
 @pytest.fixture
 def eager_operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     """An operator that marks unschedulable orders after 3 s, looking every second."""
-    proc = OperatorProcess(
+    with OperatorProcess(
         cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces", f"--leader-election-namespace={namespace}",
         "--unschedulable-grace=3", "--scheduling-interval=1",
-    )  # fmt: skip
-    proc.start()
-    try:
+    ).running() as proc:  # fmt: skip
         yield proc
-    finally:
-        proc.stop()
 
 
 def schedulable(order: WorkOrder) -> str | None:

@@ -136,17 +136,13 @@ def build_agent(
     hub_rules = rules(REPO / "deploy/base/rbac-users.yaml", "workorder-agent")
     hub_rules += rules(REPO / "deploy/agent/hub/rbac.yaml", "workorder-agent-events")
     bind_rules(cluster.api, namespace, hub_user, hub_rules)
-    agent = OperatorProcess(
+    with OperatorProcess(
         spoke_identity, tmp_path / "build-agent.log",
         f"--hub-kubeconfig={cluster.user_kubeconfig(hub_user)}", f"--hub-name={HUB_NAME}", f"--id={AGENT_ID}",
         f"--label={SPOKE_LABEL}", "-n", namespace, "--cleanup-interval=1",
         command=("-m", "workorder_operator.standalone"), ready=b"taking build orders",
-    )  # fmt: skip
-    agent.start()
-    try:
+    ).running() as agent:  # fmt: skip
         yield agent
-    finally:
-        agent.stop()
 
 
 def order_of(cluster: Cluster, namespace: str, name: str) -> WorkOrder:

@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client
 
 from tests.conftest import Cluster
-from tests.support import Agent, OperatorProcess, create_order, wait_for
+from tests.support import DEFAULT_STATUS, Agent, OperatorProcess, create_order, wait_for
 from workorder_operator.kube import Conflict
 from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, parse_time
 
@@ -36,13 +36,7 @@ def test_new_order_is_pending_at_once_and_initialised_by_operator(
 ) -> None:
     created = create_order(cluster.api, namespace, "init")
     # CRD defaults: claimable the moment it exists, before the operator has looked at it.
-    assert created["status"] == {
-        "phase": "Pending",
-        "reason": "Pending",
-        "attempt": 0,
-        "retryCount": 0,
-        "observedGeneration": 0,
-    }
+    assert created["status"] == DEFAULT_STATUS
     a = agent(cluster)
     order = wait_for(lambda: (o := a.read(namespace, "init")).raw_status.get("conditions") and o)
     assert condition(order, "Succeeded")["status"] == "Unknown"

@@ -22,27 +22,11 @@ from kubernetes import client
 from devcluster.envtest import free_port
 from tests.conftest import Cluster
 from tests.support import Agent, OperatorProcess, create_order, sample, scrape, wait_for
+from tests.tekton import KANIKO_BUILD
 from workorder_operator.engine import EVENT_BURST
 from workorder_operator.model import WorkOrder, parse_time
 
 Start = Callable[..., OperatorProcess]
-
-BUILD = """\
-apiVersion: shipwright.io/v1beta1
-kind: Build
-metadata:
-  name: {name}
-spec:
-  source:
-    type: Git
-    git:
-      url: https://example.com/app.git
-  strategy:
-    kind: ClusterBuildStrategy
-    name: kaniko
-  output:
-    image: registry.example.com/app:latest
-"""
 
 
 @pytest.fixture
@@ -62,15 +46,6 @@ def start(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Start]:
     yield run
     for op in started:
         op.stop()
-
-
-@pytest.fixture
-def other_namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    core = client.CoreV1Api(cluster.api)
-    core.create_namespace({"metadata": {"name": name, "labels": {"workorder.dev/test": "true"}}})
-    yield name
-    core.delete_namespace(name)
 
 
 def agent(cluster: Cluster) -> Agent:
@@ -104,7 +79,7 @@ def test_without_the_build_agent_build_orders_wait_for_an_external_agent(
     cluster: Cluster, namespace: str, start: Start
 ) -> None:
     op = start("--no-build-agent")
-    create_order(cluster.api, namespace, "app", workType="build", yamlContent=BUILD.format(name="app"))
+    create_order(cluster.api, namespace, "app", workType="build", yamlContent=KANIKO_BUILD.format(name="app"))
     a = agent(cluster)
     # Initialised after the grace in which any agent could have claimed it: nobody did.
     order = wait_for(lambda: initialised(a, namespace, "app"), timeout=20, what="the order to be initialised")
@@ -119,7 +94,7 @@ def test_build_concurrency_bounds_the_builds_in_flight(cluster: Cluster, namespa
     # controller a Build is never registered), so a build attempt keeps its slot.
     start("--build-concurrency", "1", "--build-registration-timeout", "600")
     for name in ("b1", "b2"):
-        create_order(cluster.api, namespace, name, workType="build", yamlContent=BUILD.format(name=name))
+        create_order(cluster.api, namespace, name, workType="build", yamlContent=KANIKO_BUILD.format(name=name))
     a = agent(cluster)
 
     def phases() -> dict[str, str | None]:
@@ -157,7 +132,12 @@ def test_build_registration_timeout(cluster: Cluster, namespace: str, start: Sta
     a = agent(cluster)
     with shipwright_stopped(cluster):
         create_order(
-            cluster.api, namespace, "b1", workType="build", yamlContent=BUILD.format(name="b1"), backoffSeconds=600
+            cluster.api,
+            namespace,
+            "b1",
+            workType="build",
+            yamlContent=KANIKO_BUILD.format(name="b1"),
+            backoffSeconds=600,
         )
         order = wait_for(
             lambda: (o := a.read(namespace, "b1")).status.phase == "RetryPending" and o, timeout=30, what="the timeout"

@@ -386,3 +386,29 @@ def test_an_agent_tries_the_orders_it_ranks_first_and_any_that_waited_past_the_s
     released = read(store(b, lc.release(read(b), AGENT_B, 1, fresh + dt.timedelta(hours=1, seconds=1))))
     assert fleet.divide([released], me, [peer], fresh + dt.timedelta(hours=1, seconds=2), 2) == []
     assert fleet.divide([released], me, [peer], fresh + dt.timedelta(hours=1, seconds=3), 2) == [released]
+
+
+def test_on_a_backlog_agents_steal_the_orders_they_rank_next_first_so_they_steal_different_ones() -> None:
+    agents = [fleet.parse_lease(lease(AgentIdentity(f"00000000-0000-4000-8000-{k:012d}"), types=()))
+              for k in range(4)]  # fmt: skip
+    orders = [pending(i) for i in range(200)]
+    waited = orders[0].created_at + dt.timedelta(seconds=3)  # every order is past the steal delay
+    me, peers = agents[0], agents[1:]
+    tried = fleet.divide(orders, me, peers, waited, steal_delay=2)
+    assert sorted(o.uid for o in tried) == sorted(o.uid for o in orders)  # nothing left waiting
+    rank = [fleet.ranking(o, agents).index(me.agent.id) for o in tried]
+    assert rank == sorted(rank), "its own share, then the orders it ranks second, third, fourth"
+    for r in range(4):  # offer order (oldest first) within a rank
+        group = [o for o, k in zip(tried, rank, strict=True) if k == r]
+        assert group == [o for o in orders if o in group]
+    # The first stolen orders of two agents differ: they do not all race for the oldest one.
+    firsts = []
+    for a in agents:
+        first_stolen = next(o for o in fleet.divide(orders, a, [p for p in agents if p is not a], waited, 2)
+                            if fleet.ranked_first(o, agents) != a.agent.id)  # fmt: skip
+        firsts.append(first_stolen.uid)
+    assert len(set(firsts)) == len(agents)
+    # The cache of ranks gives the same answer and holds this agent's rank per order.
+    ranks: dict[str, int] = {}
+    assert fleet.divide(orders, me, peers, waited, 2, ranks=ranks) == tried
+    assert ranks == {o.uid: fleet.ranking(o, agents).index(me.agent.id) for o in orders}
