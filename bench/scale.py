@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -58,7 +60,7 @@ from common import (
 
 from workorder_operator import lifecycle
 from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders
-from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
+from workorder_operator.model import GROUP, PLURAL, VERSION, utcnow
 from workorder_operator.targeting import AgentIdentity
 
 NAME = "scale"
@@ -72,10 +74,16 @@ AGENT_WATCH_S = 10.0
 AGENT_GIVE_UP_S = 180.0
 TARGET_CLI_FIRST_S = 2.0
 SETTLE_S = 5.0
+# Beyond this many (--api-orders), orders are copies written straight into etcd (EtcdCopies).
+API_ORDERS = 10_000
 CONTENT = "payload: " + "x" * 1015 + "\n"  # 1 KB of yamlContent
 
 
-def run(quick: bool, orders: int | None = None) -> dict[str, Any]:
+def name_of(i: int) -> str:
+    return f"s-{i:06d}"
+
+
+def run(quick: bool, orders: int | None = None, api_orders: int = API_ORDERS) -> dict[str, Any]:
     n = orders or (1000 if quick else 10000)
     window = 10.0 if quick else 30.0
     target_startup_s, target_rss_mb = next((s, r) for least, s, r in TARGETS if n >= least)
@@ -86,30 +94,48 @@ def run(quick: bool, orders: int | None = None) -> dict[str, Any]:
         ns = cluster.namespace("scale")
         api = cluster.client(pool=CREATORS)
         agents, initialiser = WorkOrders(api, "bench-agent"), WorkOrders(api, OPERATOR_MANAGER)
-        claims: dict[int, WorkOrder] = {}
 
         def one(i: int) -> None:
-            order = create_order(api, ns, f"s-{i:06d}", yamlContent=CONTENT, claimTimeoutSeconds=86400)
+            order = create_order(api, ns, name_of(i), yamlContent=CONTENT, claimTimeoutSeconds=86400)
             if i % 2:
-                claims[i] = cas(agents, order, lambda o: lifecycle.claim(o, agent, utcnow()))
+                cas(agents, order, lambda o: lifecycle.claim(o, agent, utcnow()))
             else:  # what the operator writes on a new order nobody claims within a second
                 cas(initialiser, order, lambda o: lifecycle.initialise(o, utcnow()))
 
         etcd_before = etcd_metrics(cluster)
-        log(f"creating {n} orders (1 KB each; {claimed_n} Claimed, {n - claimed_n} Pending), {CREATORS} threads ...")
-        create_s = in_pool(one, n, "created")
-        data["create_seconds"] = create_s
-        log(f"created in {create_s:.1f}s ({2 * n / create_s:.0f} writes/s); measuring storage ...")
-        data["storage"] = storage(cluster, ns, n, etcd_before)
+        api_n = min(n, max(api_orders, 2))
+        log(f"creating {api_n} orders (1 KB each; half Claimed, half Pending), {CREATORS} threads ...")
+        create_s = in_pool(one, api_n, "created")
+        data.update(create_seconds=create_s, created_through_api=api_n, api_writes_per_s=2 * api_n / create_s)
+        log(f"created in {create_s:.1f}s ({2 * api_n / create_s:.0f} writes/s)")
+        etcd_api = etcd_metrics(cluster)
+        copies = EtcdCopies(cluster, ns)
+        if api_n < n:
+            log(f"writing {n - api_n} copies of s-000000 (Pending) and s-000001 (Claimed) into etcd ...")
+            templates = copies.read(name_of(0)), copies.read(name_of(1))
+
+            def copy(i: int) -> None:
+                body = json.loads(json.dumps(templates[i % 2]))
+                body["metadata"].update(name=name_of(i), uid=str(uuid.uuid4()))
+                copies.write(name_of(i), body)
+
+            data["copy_seconds"] = in_pool(copy, range(api_n, n), "copied")
+        log("measuring storage ...")
+        data["storage"] = storage(cluster, ns, n, etcd_before, (api_n, etcd_api))
 
         log("starting the operator ...")
         with operator(cluster, NAME, wait=False) as op:
             data["ready_s"] = op.wait_ready(timeout=600)
-            startup_s, polls = float("nan"), 0
+            startup_s, polls, scrape_timeouts = float("nan"), 0, 0
             deadline = time.monotonic() + 1200
+            tracked = armed = 0.0
             while time.monotonic() < deadline:
                 op.check_alive()
-                m = op.metrics()
+                try:
+                    m = op.metrics()
+                except OSError:  # busy with the start-up listing: /metrics shares its event loop
+                    scrape_timeouts += 1
+                    continue
                 polls += 1
                 tracked, armed = m.sum("workorder_orders"), m.sum("workorder_deadlines_armed")
                 if tracked == n and armed >= claimed_n:
@@ -130,6 +156,7 @@ def run(quick: bool, orders: int | None = None) -> dict[str, Any]:
             data.update(
                 startup_s=startup_s,
                 metrics_polls=polls,
+                metrics_scrape_timeouts=scrape_timeouts,
                 deadlines_armed=final.sum("workorder_deadlines_armed"),
                 orders_by_phase={
                     lab["phase"]: v for name, lab, v in final.samples if name == "workorder_orders" and "phase" in lab
@@ -140,12 +167,15 @@ def run(quick: bool, orders: int | None = None) -> dict[str, Any]:
                 idle_rss_mb=rss,
                 peak_rss_mb=proc_status_mb(op.pid, "VmHWM"),
             )
-            log(f"operator idle: RSS {rss:.0f} MB, CPU {data['idle_cpu_pct_of_core']:.2f} %; releasing the claims ...")
+            log(f"operator idle: RSS {rss:.0f} MB, CPU {data['idle_cpu_pct_of_core']:.2f} %; all to Pending ...")
 
-            def release(i: int) -> None:
-                cas(agents, claims.pop(i), lambda o: lifecycle.release(o, agent.id, o.status.attempt, utcnow()))
+            pending_status = copies.read(name_of(0))["status"]
 
-            release_s = in_pool(release, range(1, n, 2), "released")
+            def release(i: int) -> None:  # the stored status of a Pending order (see RELEASE)
+                body = copies.read(name_of(i))
+                copies.write(name_of(i), {**body, "status": pending_status})
+
+            release_s = in_pool(release, range(1, n, 2), "set Pending")
             data["release_seconds"] = release_s
             while op.metrics().sum("workorder_orders", phase="Pending") < n:
                 op.check_alive()
@@ -200,9 +230,51 @@ def etcd_call(cluster: Cluster, path: str, body: dict[str, Any], timeout: float 
         return answer
 
 
-def storage(cluster: Cluster, ns: str, n: int, before: dict[str, float]) -> dict[str, Any]:
-    """What etcd holds per order, the stored and the served object, and a full LIST's cost."""
-    after = etcd_metrics(cluster)
+class EtcdCopies:
+    """Orders read and written straight in etcd, as the API server stores them (JSON under
+    /registry/workorder.dev/workorders/NS/NAME; the API server's watch sees every write). The API
+    server takes about 150 writes a second here, so 100,000 orders (create + claim or initialise)
+    would take 20-30 minutes: the first API_ORDERS are made through the API (and measured), the
+    rest are copies of two of them with their own name and uid (the operator, the agent and the
+    CLI cannot tell them apart). Putting the claimed half back to Pending, before the agent starts,
+    is the same kind of write (the stored status of a Pending order)."""
+
+    def __init__(self, cluster: Cluster, ns: str) -> None:
+        self.host = etcd_url(cluster).removeprefix("http://")
+        self.ns = ns
+        self._local = threading.local()
+
+    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:  # one kept-alive connection per thread
+            conn = self._local.conn = http.client.HTTPConnection(self.host, timeout=60)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answer: dict[str, Any] = json.loads(resp.read())
+        if resp.status != 200:
+            raise RuntimeError(f"etcd {path}: {resp.status} {answer}")
+        return answer
+
+    def _key(self, name: str) -> str:
+        return base64.b64encode(f"/registry/{GROUP}/{PLURAL}/{self.ns}/{name}".encode()).decode()
+
+    def read(self, name: str) -> dict[str, Any]:
+        found = self._call("/v3/kv/range", {"key": self._key(name)})
+        body: dict[str, Any] = json.loads(base64.b64decode(found["kvs"][0]["value"]))
+        return body
+
+    def write(self, name: str, body: dict[str, Any]) -> None:
+        value = base64.b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
+        self._call("/v3/kv/put", {"key": self._key(name), "value": value})
+
+
+def storage(
+    cluster: Cluster, ns: str, n: int, before: dict[str, float], through_api: tuple[int, dict[str, float]]
+) -> dict[str, Any]:
+    """What etcd holds per order (after the orders made through the API: with their history of
+    writes; after a compaction and defrag: what stays), the stored and the served object, and a
+    full LIST's cost."""
+    api_n, after = through_api
     key = f"/registry/{GROUP}/{PLURAL}/{ns}/s-000001"
     found = etcd_call(cluster, "/v3/kv/range", {"key": base64.b64encode(key.encode()).decode()})
     stored = len(base64.b64decode(found["kvs"][0]["value"]))
@@ -221,9 +293,9 @@ def storage(cluster: Cluster, ns: str, n: int, before: dict[str, float]) -> dict
     per_order = (compacted["db_total_bytes"] - before["db_total_bytes"]) / n
     return {
         "etcd_before": before,
-        "etcd_after_create": after,
+        "etcd_after_api_orders": after,
         "etcd_after_compact_defrag": compacted,
-        "etcd_db_bytes_per_order_created": (after["db_total_bytes"] - before["db_total_bytes"]) / n,
+        "etcd_db_bytes_per_order_created": (after["db_total_bytes"] - before["db_total_bytes"]) / api_n,
         "etcd_db_bytes_per_order_compacted": per_order,
         "etcd_value_bytes": stored,
         "api_object_bytes": served,
@@ -407,10 +479,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1,000 orders and a 10 s idle window")
     parser.add_argument("--orders", type=int, help="this many orders (default 10,000; e.g. 100000)")
+    parser.add_argument(
+        "--api-orders", type=int, default=API_ORDERS, help="how many are created through the API (the rest: copies)"
+    )
     args = parser.parse_args()
     handle_sigterm()
     try:
-        run(args.quick, args.orders)
+        run(args.quick, args.orders, args.api_orders)
     except KeyboardInterrupt:
         print("interrupted: the control plane, the operator and the agent are stopped", file=sys.stderr)
         return 130
