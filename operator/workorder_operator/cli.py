@@ -187,7 +187,7 @@ def _reason(order: WorkOrder) -> str:
     return succeeded.reason if succeeded else ""
 
 
-def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool) -> str:
+def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool, header_row: bool = True) -> str:
     header = ["NAME", "TYPE", "PHASE", "CLAIMED-BY", "RETRIES", "AGE"]
     if wide:
         header += ["NEXT-RETRY", "PRIORITY", "REASON"]
@@ -209,10 +209,11 @@ def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool) -> str:
             row.insert(0, o.namespace)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines if header_row else lines[1:])
 
 
-def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool) -> None:
+def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool, header: bool = True) -> None:
     parsed = [WorkOrder.from_body(b) for b in orders]
     # As kubectl does: managedFields are bookkeeping for the API server, not for people.
     for body in orders:
@@ -236,7 +237,7 @@ def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool) -
                 else "No resources found."
             )
             return
-        print(table(parsed, fmt == "wide", bool(getattr(args, "all_namespaces", False))))
+        print(table(parsed, fmt == "wide", bool(getattr(args, "all_namespaces", False)), header), flush=True)
 
 
 # --- commands: people ---------------------------------------------------------------------------
@@ -283,11 +284,23 @@ def cmd_list(s: Session, args: argparse.Namespace) -> int:
         for f in (f"status.phase={args.phase}" if args.phase else "", f"spec.workType={args.type}" if args.type else "")
         if f
     )
-    bodies, _ = s.orders.list(None if args.all_namespaces else s.namespace, field_selector=selector)
-    bodies.sort(key=lambda b: (b["metadata"].get("namespace", ""), b["metadata"]["name"]))
     if not args.all_namespaces:
         args.namespace = s.namespace
-    emit(bodies, args, single=False)
+    pages = s.orders.pages(None if args.all_namespaces else s.namespace, selector, args.chunk_size)
+    if args.output in ("json", "yaml", "seed"):  # one document: every page before it
+        emit([b for page in pages for b in page], args, single=False)
+        return 0
+    # A table (or names) page by page, as kubectl does: the first lines show at once, however many
+    # orders there are; the header once, columns as wide as each page needs.
+    shown = False
+    for page in pages:
+        if page:
+            page.sort(key=lambda b: (b["metadata"].get("namespace", ""), b["metadata"]["name"]))
+            emit(page, args, single=False, header=not shown)
+            sys.stdout.flush()
+            shown = True
+    if not shown:
+        emit([], args, single=False)
     return 0
 
 
@@ -705,6 +718,9 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("-A", "--all-namespaces", action="store_true")
     ls.add_argument("--phase", choices=[str(p) for p in Phase])
     ls.add_argument("--type", help="only this workType")
+    ls.add_argument(
+        "--chunk-size", type=int, default=500, help="orders per request (limit/continue, as kubectl); 0: all at once"
+    )
 
     g = add("get", cmd_get, "show one WorkOrder (-o seed: the seed system's 15-field record)")
     g.add_argument("name")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from workorder_operator.errors import Conflict, NotFound
 from workorder_operator.fleet import Sighting
 from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders, keep_watching
 from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
-from workorder_operator.model import Phase, Status, WorkOrder, utcnow
+from workorder_operator.model import Phase, Spec, Status, WorkOrder, utcnow
 from workorder_operator.presence import PresenceLeases
 from workorder_operator.scheduler import DeadlineScheduler
 
@@ -86,10 +87,39 @@ def _rv(order: WorkOrder) -> int:
         return -1
 
 
-def _compact(order: WorkOrder) -> WorkOrder:
-    """The order without its content: the engine never needs yamlContent after the first look,
-    and 10,000 orders must fit in a small memory budget."""
-    return order.model_copy(update={"spec": order.spec.model_copy(update={"yaml_content": ""})})
+# Strings of the stored status up to this long are shared between orders (`_interned`).
+INTERNED_LENGTH = 200
+# Beyond this many different specs, the engine stops sharing them (and starts afresh).
+SHARED_SPECS = 10_000
+
+
+def _compact(order: WorkOrder, specs: dict[str, Spec]) -> WorkOrder:
+    """The order as the engine keeps it: 100,000 orders must fit in a small memory budget (a typed
+    WorkOrder is about 13 KB). Without its content (never needed after the first look) and
+    without the typed conditions and history (each condition is a model of 1.6 KB): decisions
+    read them from `raw_status`, which every transition builds on and which stays whole. The spec
+    left is shared with every order of an equal one (`specs`: most orders of a queue have the
+    same retries, timeouts and targeting)."""
+    spec = order.spec.model_copy(update={"yaml_content": ""})
+    key = spec.model_dump_json()
+    if len(specs) >= SHARED_SPECS and key not in specs:
+        specs.clear()
+    spec = specs.setdefault(key, spec)
+    status = order.status.model_copy(update={"conditions": [], "history": []})
+    return order.model_copy(update={"spec": spec, "status": status, "raw_status": _interned(order.raw_status)})
+
+
+def _interned(value: Any) -> Any:
+    """A copy of parsed JSON whose keys and short strings are interned: every order's status
+    repeats the same keys, condition types, reasons and messages, which a JSON parser makes anew
+    for each order."""
+    if isinstance(value, dict):
+        return {sys.intern(k): _interned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    if isinstance(value, str) and len(value) <= INTERNED_LENGTH:
+        return sys.intern(value)
+    return value
 
 
 class Engine:
@@ -143,6 +173,8 @@ class Engine:
         # Content the operator itself cannot run: a reason to fail the order at initialisation.
         self._executors = executors
         self._tracked: dict[str, _Tracked] = {}
+        # Compacted specs, shared by the tracked orders that have an equal one (`_compact`).
+        self._specs: dict[str, Spec] = {}
         # Orders whose content is being (or was) checked for rejection, so each is parsed once.
         self._checking: set[str] = set()
         # Count transitions in metrics (only the leader does, so replicas never double-count).
@@ -443,7 +475,7 @@ class Engine:
                     (first_seen - mark).total_seconds(),
                     extra=order.logref,
                 )
-        tracked = _Tracked(_compact(order), first_seen, sign, seen_at, rejection)
+        tracked = _Tracked(_compact(order, self._specs), first_seen, sign, seen_at, rejection)
         self._tracked[order.uid] = tracked
         self._index_claim(order.uid, order)
         return tracked

@@ -262,9 +262,10 @@ def live(sightings: Iterable[Sighting], now: dt.datetime, grace: float = GRACE_S
 
 
 def unschedulable(order: WorkOrder) -> bool:
-    """Whether the order carries Schedulable=False."""
-    c = order.status.condition(SCHEDULABLE)
-    return c is not None and c.status == "False"
+    """Whether the order carries Schedulable=False (read from the stored status: the engine keeps
+    no typed conditions)."""
+    conditions = order.raw_status.get("conditions") or []
+    return any(isinstance(c, dict) and c.get("type") == SCHEDULABLE and c.get("status") == "False" for c in conditions)
 
 
 def scheduling(

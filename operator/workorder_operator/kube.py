@@ -41,6 +41,8 @@ WATCH_READ_TIMEOUT = 1800.0 + WATCH_GRACE
 Timeout = tuple[float, float]
 # The client type callers hand in (they need not import `kubernetes` for it).
 ApiClient: TypeAlias = client.ApiClient
+# One answer of a paged list: its objects.
+Page: TypeAlias = list[dict[str, Any]]
 # Ask for a list of metadata only (no spec, no status).
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
@@ -224,6 +226,27 @@ class WorkOrders:
             self.objects, (GROUP, VERSION, PLURAL), namespace, field_selector=field_selector,
             label_selector=label_selector,
         )  # fmt: skip
+
+    def pages(self, namespace: str | None = None, field_selector: str = "", limit: int = 500) -> Iterator[Page]:
+        """The matching orders, `limit` at a time (limit and continue: the first page comes at
+        once however many orders there are; 0: all in one answer). In the API's order: by
+        namespace, then name."""
+        token = ""
+        while True:
+            kwargs: dict[str, Any] = {"field_selector": field_selector, "_request_timeout": timeout()}
+            if limit:
+                kwargs["limit"] = limit
+            if token:
+                kwargs["_continue"] = token
+            with translated():
+                if namespace:
+                    page = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
+                else:
+                    page = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+            yield list(page["items"])
+            token = page["metadata"].get("continue") or ""
+            if not token:
+                return
 
     def list_versions(self, namespace: str | None = None) -> tuple[dict[str, str], str]:
         """uid -> namespace of every order (metadata only: no content), and the list's

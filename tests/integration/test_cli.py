@@ -78,6 +78,22 @@ def test_create_list_get_seed_and_history(cluster: Cluster, namespace: str, tmp_
     assert "Failed" in history[1] and "network down" in history[1]
 
 
+def test_list_pages_through_a_big_namespace(cluster: Cluster, namespace: str) -> None:
+    """`list` asks for --chunk-size orders at a time (limit/continue) and prints each page as it
+    comes: every order once, in name order, the header once."""
+    names = [f"wo-{i}" for i in range(5)]
+    for name in reversed(names):
+        create_order(cluster.api, namespace, name)
+    table = ok(kubectl(cluster, "list", "-n", namespace, "--chunk-size", "2")).splitlines()
+    assert table[0].split()[0] == "NAME" and [line.split()[0] for line in table[1:]] == names
+    listed = ok(kubectl(cluster, "list", "-n", namespace, "--chunk-size", "2", "-o", "name")).split()
+    assert listed == [f"workorder.workorder.dev/{name}" for name in names]
+    items = json.loads(ok(kubectl(cluster, "list", "-n", namespace, "--chunk-size", "2", "-o", "json")))["items"]
+    assert [item["metadata"]["name"] for item in items] == names
+    only = ok(kubectl(cluster, "list", "-n", namespace, "--chunk-size", "2", "--phase", "Claimed")).strip()
+    assert only == f"No resources found in {namespace} namespace."
+
+
 def test_shell_agent_claim_renew_complete(cluster: Cluster, namespace: str) -> None:
     create_order(cluster.api, namespace, "low", priority=1)
     create_order(cluster.api, namespace, "high", priority=9)

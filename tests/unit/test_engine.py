@@ -393,3 +393,26 @@ def test_a_burst_of_transitions_costs_a_bounded_number_of_events(monkeypatch: py
         assert posted == 50, posted
 
     run(test)
+
+
+def test_the_engine_keeps_orders_compact_and_writes_on_their_whole_stored_status() -> None:
+    async def test() -> None:
+        # Two orders with the same spec and content, one claimed with a history of one expiry.
+        first = claimed(1, NOW, timeout=60)
+        first = store(first, lc.expire(read(first), NOW + dt.timedelta(seconds=61), None, NOW))
+        first = store(first, lc.claim(read(first), A, NOW + dt.timedelta(seconds=62)))
+        h = Harness([first, claimed(2, NOW, timeout=60)])
+        kept = {o.name: o for o in h.engine.tracked_orders()}
+        # What 100,000 orders must not cost: content, typed conditions and history, a spec each.
+        assert kept["wo-1"].spec is kept["wo-2"].spec
+        assert kept["wo-1"].spec.yaml_content == "" and kept["wo-1"].status.conditions == []
+        assert kept["wo-1"].status.history == []
+        # The stored status stays whole: the expiry's write carries the earlier history and the conditions.
+        assert kept["wo-1"].raw_status == first["status"]
+        await h.step(62 + 60)
+        stored = h.store.bodies[("team-a", "wo-1")]["status"]
+        assert stored["phase"] == "Pending"
+        assert [entry["outcome"] for entry in stored["history"]] == ["Expired", "Expired"]
+        assert {c["type"] for c in stored["conditions"]} == {c["type"] for c in first["status"]["conditions"]}
+
+    run(test)
