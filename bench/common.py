@@ -63,16 +63,23 @@ def handle_sigterm() -> None:
         signal.signal(signal.SIGINT, raise_interrupt)
 
 
-def main_of(run: Callable[[bool], object], description: str, quick_help: str) -> int:
-    """The command line of one benchmark: `python bench/NAME.py [--quick]`."""
+def main_of(
+    run: Callable[[argparse.Namespace], object],
+    description: str,
+    quick_help: str,
+    options: Callable[[argparse.ArgumentParser], object] | None = None,
+) -> int:
+    """The command line of one benchmark: `python bench/NAME.py [--quick] [its own options]`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     handle_sigterm()
     try:
-        run(args.quick)
+        run(args)
     except KeyboardInterrupt:
-        print("interrupted: the control plane and the operator are stopped", file=sys.stderr)
+        print("interrupted: everything the benchmark started is stopped", file=sys.stderr)
         return 130
     return 0
 

@@ -193,7 +193,7 @@ def chart(d: dict[str, Any]) -> Any:
 
 
 def main() -> int:
-    return main_of(run, __doc__.split("\n")[0], "300 orders instead of 2,000")
+    return main_of(lambda args: run(args.quick), __doc__.split("\n")[0], "300 orders instead of 2,000")
 
 
 if __name__ == "__main__":

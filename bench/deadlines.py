@@ -46,8 +46,8 @@ from common import (
     cas,
     control_plane,
     create_order,
-    handle_sigterm,
     log,
+    main_of,
     new_figure,
     operator,
     run_all,
@@ -372,21 +372,16 @@ def chart(expiry: dict[str, Any], due: dict[str, Any], ref: dict[str, Any], n: i
     return fig
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100 deadlines per burst instead of 1,000")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--low-load", action="store_true",
         help="instead: 100 expiries, 100 due retries and 100 pickups spread over 100 s (quick: 20 over 20 s)",
     )  # fmt: skip
-    args = parser.parse_args()
-    handle_sigterm()
-    try:
-        (run_low_load if args.low_load else run)(args.quick)
-    except KeyboardInterrupt:
-        print("interrupted: the control plane and the operator are stopped", file=sys.stderr)
-        return 130
-    return 0
+
+
+def main() -> int:
+    return main_of(lambda args: (run_low_load if args.low_load else run)(args.quick), __doc__.split("\n")[0],
+                   "100 deadlines per burst instead of 1,000", options)  # fmt: skip
 
 
 if __name__ == "__main__":

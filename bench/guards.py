@@ -114,7 +114,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def main() -> int:
-    return main_of(run, __doc__.split("\n")[0], "100 writes per round, 2 rounds per shape")
+    return main_of(lambda args: run(args.quick), __doc__.split("\n")[0], "100 writes per round, 2 rounds per shape")
 
 
 if __name__ == "__main__":

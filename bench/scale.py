@@ -48,8 +48,8 @@ from common import (
     cas,
     control_plane,
     create_order,
-    handle_sigterm,
     log,
+    main_of,
     new_figure,
     operator,
     proc_status_mb,
@@ -502,21 +502,16 @@ def chart(d: dict[str, Any]) -> Any:
     return fig
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 orders and a 10 s idle window")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orders", type=int, help="this many orders (default 10,000; e.g. 100000)")
     parser.add_argument(
         "--api-orders", type=int, default=API_ORDERS, help="how many are created through the API (the rest: copies)"
     )
-    args = parser.parse_args()
-    handle_sigterm()
-    try:
-        run(args.quick, args.orders, args.api_orders)
-    except KeyboardInterrupt:
-        print("interrupted: the control plane, the operator and the agent are stopped", file=sys.stderr)
-        return 130
-    return 0
+
+
+def main() -> int:
+    return main_of(lambda args: run(args.quick, args.orders, args.api_orders), __doc__.split("\n")[0],
+                   "1,000 orders and a 10 s idle window", options)  # fmt: skip
 
 
 if __name__ == "__main__":

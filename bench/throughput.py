@@ -48,9 +48,9 @@ from common import (
     apiserver_metrics,
     bench_order,
     control_plane,
-    handle_sigterm,
     list_orders,
     log,
+    main_of,
     metric_delta,
     new_figure,
     operator,
@@ -471,22 +471,17 @@ def chart(per_k: dict[str, Any], n: int) -> Any:
     return fig
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200 orders per K instead of 2,000")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orders", type=int, help="orders per K")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="S",
         help="take an S-second CPU profile of kube-apiserver during each of our runs (go tool pprof -top FILE)",
     )  # fmt: skip
-    args = parser.parse_args()
-    handle_sigterm()
-    try:
-        run(args.quick, args.orders, args.profile)
-    except KeyboardInterrupt:
-        print("interrupted: the control plane, the operator and the agents are stopped", file=sys.stderr)
-        return 130
-    return 0
+
+
+def main() -> int:
+    return main_of(lambda args: run(args.quick, args.orders, args.profile), __doc__.split("\n")[0],
+                   "200 orders per K instead of 2,000", options)  # fmt: skip
 
 
 if __name__ == "__main__":
