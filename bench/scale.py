@@ -11,7 +11,8 @@ would have left them), half Claimed with long timeouts (nothing falls due). Then
   (sum of workorder_orders == total) and every claim deadline armed
   (workorder_deadlines_armed >= number of Claimed orders); target < 60 s (100,000 orders: < 120 s);
 - idle: its RSS and CPU (share of one core) over 30 s (--quick: 10 s) with nothing due (an agent
-  that takes the orders is announced, so none is marked unschedulable), after 5 s to settle; targets < 300 MB (100,000 orders: < 600 MB) and < 2 %;
+  that takes the orders is announced, so none is marked unschedulable), after 5 s to settle;
+  targets < 300 MB (100,000 orders: < 600 MB) and < 2 %;
 - agent: the Claimed half is released (every order Pending), then one SDK agent process
   (bench/bench_agent.py) starts: seconds to its first claim (target < 10 s) and its RSS then and
   10 s later (target < 300 MB);
