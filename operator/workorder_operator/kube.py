@@ -231,22 +231,7 @@ class WorkOrders:
         """The matching orders, `limit` at a time (limit and continue: the first page comes at
         once however many orders there are; 0: all in one answer). In the API's order: by
         namespace, then name."""
-        token = ""
-        while True:
-            kwargs: dict[str, Any] = {"field_selector": field_selector, "_request_timeout": timeout()}
-            if limit:
-                kwargs["limit"] = limit
-            if token:
-                kwargs["_continue"] = token
-            with translated():
-                if namespace:
-                    page = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
-                else:
-                    page = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-            yield list(page["items"])
-            token = page["metadata"].get("continue") or ""
-            if not token:
-                return
+        return list_pages(self.objects, (GROUP, VERSION, PLURAL), namespace, limit, field_selector=field_selector)
 
     def list_versions(self, namespace: str | None = None) -> tuple[dict[str, str], str]:
         """uid -> namespace of every order (metadata only: no content), and the list's
@@ -334,6 +319,30 @@ def list_objects(
         else:
             result = objects.list_cluster_custom_object(group, version, plural, **selectors, _request_timeout=timeout())
     return list(result["items"]), str(result["metadata"]["resourceVersion"])
+
+
+def list_pages(
+    objects: client.CustomObjectsApi, kind: tuple[str, str, str], namespace: str | None, limit: int, **selectors: str
+) -> Iterator[list[dict[str, Any]]]:
+    """The objects of `kind` matching the selectors, `limit` at a time (limit and continue: the
+    first page comes at once however many there are; 0: all in one answer)."""
+    group, version, plural = kind
+    token = ""
+    while True:
+        kwargs: dict[str, Any] = {**selectors, "_request_timeout": timeout()}
+        if limit:
+            kwargs["limit"] = limit
+        if token:
+            kwargs["_continue"] = token
+        with translated():
+            if namespace:
+                page = objects.list_namespaced_custom_object(group, version, namespace, plural, **kwargs)
+            else:
+                page = objects.list_cluster_custom_object(group, version, plural, **kwargs)
+        yield list(page.get("items") or [])
+        token = (page.get("metadata") or {}).get("continue") or ""
+        if not token:
+            return
 
 
 def watch_objects(

@@ -21,7 +21,7 @@ from kubernetes import client, watch
 
 from workorder_operator.build import label_value
 from workorder_operator.errors import Conflict, NotFound, Refused, Transient, WorkOrderError
-from workorder_operator.kube import timeout, translated, watch_timeout
+from workorder_operator.kube import list_pages, timeout, translated, watch_timeout
 from workorder_operator.model import API_VERSION, KIND, WorkOrder
 
 log = logging.getLogger(__name__)
@@ -234,21 +234,8 @@ class Shipwright:
         """Every Build or BuildRun an agent of this hub made (spoke only), in `namespace` or all."""
         if self.ownership.hub is None:
             return []
-        found: list[dict[str, Any]] = []
-        token = ""
-        while True:
-            kwargs: dict[str, Any] = {"label_selector": ORDER_UID_LABEL, "limit": 500, "_request_timeout": timeout()}
-            if token:
-                kwargs["_continue"] = token
-            with translated():
-                if namespace:
-                    page = self.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, **kwargs)
-                else:
-                    page = self.objects.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
-            found += [obj for obj in page.get("items") or [] if self.ownership.ours(obj)]
-            token = (page.get("metadata") or {}).get("continue") or ""
-            if not token:
-                return found
+        pages = list_pages(self.objects, (GROUP, VERSION, plural), namespace, 500, label_selector=ORDER_UID_LABEL)
+        return [obj for page in pages for obj in page if self.ownership.ours(obj)]
 
     def delete(self, plural: str, obj: dict[str, Any]) -> bool:
         """Delete exactly this object (preconditions: its uid and resourceVersion), so one that was
