@@ -288,6 +288,16 @@ def scheduling(
     return since, None
 
 
+def takers_key(agents: Iterable[Presence]) -> frozenset[tuple[Any, ...]]:
+    """What decides which orders `agents` would take (not when they last renewed): equal keys
+    judge every order alike, so a schedulability pass need only look at orders that changed."""
+    return frozenset(
+        (a.agent.id.lower(), tuple(a.agent.labels), tuple(sorted(a.agent.annotations.items())), a.work_types,
+         a.namespaces)
+        for a in agents
+    )  # fmt: skip
+
+
 def no_agent_message(order: WorkOrder, agents: Sequence[Presence]) -> str:
     """What an unschedulable order says: what it asks for, and how many agents are there."""
     t = order.spec.targeting

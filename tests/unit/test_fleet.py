@@ -467,6 +467,69 @@ def test_unschedulable_orders_are_marked_after_the_grace_within_a_write_cap_and_
     run(test)
 
 
+def test_the_takers_key_changes_with_what_agents_take_not_with_their_renewals() -> None:
+    def key(*bodies: dict[str, Any]) -> frozenset[tuple[Any, ...]]:
+        return fleet.takers_key([fleet.parse_lease(b) for b in bodies])
+
+    base = key(lease())
+    assert key(lease(at=NOW + dt.timedelta(seconds=9), duration=60, user=BOB, rv=7)) == base
+    assert key(lease(AgentIdentity(AGENT_A.upper(), A.labels, A.annotations))) == base  # ids: any case
+    for other in (
+        lease(AgentIdentity(AGENT_B, A.labels, A.annotations)),
+        lease(AgentIdentity(AGENT_A, ("zone-b",), A.annotations)),
+        lease(AgentIdentity(AGENT_A, A.labels, {"arch": "amd64"})),
+        lease(types=("test",)),
+        lease(namespaces=("team-b",)),
+    ):
+        assert key(other) != base
+    assert key(lease(), lease(AgentIdentity(AGENT_B))) != base
+    assert key() == frozenset()
+
+
+def test_an_idle_pass_judges_only_the_orders_that_changed_or_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 100,000 orders a look at each one costs seconds of CPU every pass: while the agents would
+    take the same orders, a pass judges only orders that changed or whose grace is running."""
+    judged: list[str] = []
+    real = fleet.scheduling
+
+    def counting(order: WorkOrder, *args: Any) -> tuple[dt.datetime | None, bool | None]:
+        judged.append(order.name)
+        return real(order, *args)
+
+    monkeypatch.setattr(fleet, "scheduling", counting)
+
+    async def test() -> None:
+        bodies = [initialised(order_body({"workType": "build"}, name=f"wo-{i}", uid=uid(i))) for i in range(5)]
+        bodies.append(initialised(order_body({"workType": "test"}, name="wo-9", uid=uid(9))))
+        h = Harness(bodies, unschedulable_grace=30, presence_grace=2)
+        h.engine.observe_presence("ADDED", lease(duration=60))  # takes build, not test
+        h.engine.lead()
+
+        async def judging() -> list[str]:
+            judged.clear()
+            await h.engine.scheduling_pass()
+            h.deliver()
+            return sorted(judged)
+
+        assert len(await judging()) == 6  # the first pass looks at everything
+        h.clock.advance(4)
+        h.engine.observe_presence("MODIFIED", lease(at=h.clock.now, duration=60, rv=2))  # a renewal
+        assert await judging() == ["wo-9"]  # only the one whose grace runs
+        h.clock.advance(30)
+        assert await judging() == ["wo-9"]  # marked now (its new version is judged once more)
+        assert await judging() == ["wo-9"]
+        assert await judging() == []  # marked, and nothing changed: nothing to judge
+        h.engine.observe("MODIFIED", store(h.store.bodies[("team-a", "wo-2")], lc.claim(
+            read(h.store.bodies[("team-a", "wo-2")]), AgentIdentity(AGENT_A), h.clock.now, ALICE)))  # fmt: skip
+        assert await judging() == ["wo-2"]
+        # The agent lapses (no event: time alone): everything is judged again.
+        h.clock.advance(40)
+        assert len(await judging()) == 6
+        await h.engine.follow()
+
+    run(test)
+
+
 def test_a_lost_agent_no_longer_makes_orders_schedulable() -> None:
     async def test() -> None:
         h = Harness([initialised(order_body({"workType": "build"}))], unschedulable_grace=10, presence_grace=2)
