@@ -386,19 +386,26 @@ def agent_time(mark: dt.datetime | None, seen_at: dt.datetime | None) -> dt.date
     return mark
 
 
+# How long before the operator saw a claim or renewal an agent may say it made it and be believed:
+# about what a write takes to reach the operator's watch, so the claim is timed from when the agent
+# made it (not from when we heard of it), and a clock running behind gains at most this much.
+SEEN_ALLOWANCE = dt.timedelta(seconds=1)
+
+
 def claim_deadline(
     order: WorkOrder, first_seen: dt.datetime | None = None, seen_at: dt.datetime | None = None
 ) -> dt.datetime:
     """When the current claim expires: claimTimeoutSeconds after the latest sign of life.
 
-    The sign of life is the later of the agent's claimedAt and renewedAt, the server's time of
-    the agent's last status write, and when this operator first saw the claim or renewal. The
-    last two are the server's and our clock, so an agent whose clock runs behind cannot make its
-    claim expire early; one whose clock runs ahead is believed only up to CLOCK_TOLERANCE past
-    `seen_at` (when the operator saw this sign of life)."""
+    The sign of life is the latest of the agent's claimedAt and renewedAt, the server's time of
+    the agent's last status write, and SEEN_ALLOWANCE before this operator first saw the claim or
+    renewal. The last two are the server's and our clock, so an agent whose clock runs behind
+    cannot make its claim expire more than SEEN_ALLOWANCE early; one whose clock runs ahead is
+    believed only up to CLOCK_TOLERANCE past `seen_at` (when the operator saw this sign of life)."""
     status = order.status
     agent_marks = (agent_time(status.claimed_at, seen_at), agent_time(status.renewed_at, seen_at))
-    marks = [t for t in (*agent_marks, order.status_written_at, first_seen) if t]
+    heard = first_seen - SEEN_ALLOWANCE if first_seen is not None else None
+    marks = [t for t in (*agent_marks, order.status_written_at, heard) if t]
     start = max(marks, default=order.created_at)
     return _after(start, order.spec.claim_timeout_seconds)
 

@@ -454,11 +454,22 @@ def test_a_slow_agent_clock_cannot_expire_a_claim_early() -> None:
     body = claimed({"claimTimeoutSeconds": 3600}, at=NOW - seconds(7200))
     order = read(body)
     first_seen = NOW
-    assert lc.claim_deadline(order, first_seen) == NOW + seconds(3600)
+    # Believed up to SEEN_ALLOWANCE (1 s) before the operator saw the claim, not further.
+    assert lc.claim_deadline(order, first_seen) == NOW + seconds(3599)
     with pytest.raises(TransitionError):
-        lc.expire(order, NOW + seconds(60), first_seen)
-    assert lc.expire(order, NOW + seconds(3600), first_seen).status["phase"] == "Pending"
-    assert lc.plan(order, first_seen) == Plan(Action.EXPIRE, NOW + seconds(3600))
+        lc.expire(order, NOW + seconds(3598.9), first_seen)
+    assert lc.expire(order, NOW + seconds(3599), first_seen).status["phase"] == "Pending"
+    assert lc.plan(order, first_seen) == Plan(Action.EXPIRE, NOW + seconds(3599))
+
+
+def test_a_claim_is_timed_from_when_the_agent_made_it_not_from_when_the_operator_heard_of_it() -> None:
+    # The claim reached the operator's watch 0.4 s after the agent made it (clocks in step).
+    body = claimed({"claimTimeoutSeconds": 60}, at=NOW - seconds(0.4))
+    order = read(body)
+    assert lc.claim_deadline(order, NOW) == NOW + seconds(59.6)
+    assert lc.plan(order, NOW) == Plan(Action.EXPIRE, NOW + seconds(59.6))
+    renewed = read(store(body, lc.renew(order, AGENT_A, 1, NOW + seconds(29.7))))
+    assert lc.claim_deadline(renewed, NOW + seconds(30)) == NOW + seconds(89.7)
 
 
 def test_the_servers_time_of_the_agents_last_write_counts_but_not_the_operators() -> None:
@@ -658,7 +669,8 @@ def test_plan_has_nothing_to_do_for_an_initialised_pending_order() -> None:
 def test_plan_expires_a_claim_at_its_deadline() -> None:
     order = read(claimed({"claimTimeoutSeconds": 600}))
     assert lc.plan(order) == Plan(Action.EXPIRE, NOW + seconds(600))
-    assert lc.plan(order, NOW + seconds(30)) == Plan(Action.EXPIRE, NOW + seconds(630))
+    # Seen 30 s after it was made: counted from SEEN_ALLOWANCE before that sighting.
+    assert lc.plan(order, NOW + seconds(30)) == Plan(Action.EXPIRE, NOW + seconds(629))
 
 
 def test_plan_makes_a_retry_due_at_its_time() -> None:
