@@ -159,6 +159,9 @@ class Engine:
         # for their grace to run out, or with a mark left unwritten (the write cap, a failed write).
         self._judged_against: frozenset[tuple[Any, ...]] | None = None
         self._to_judge: set[str] = set()
+        # New orders left without conditions because a live agent would take them (`_fire`):
+        # initialised after all if the agents change so that none would.
+        self._awaiting_agent: set[str] = set()
         self.clock = clock
         self._budget = budget
         self.namespaces = tuple(namespaces)
@@ -267,6 +270,7 @@ class Engine:
         self._checking.discard(uid)
         self._unmatched.pop(uid, None)
         self._to_judge.discard(uid)
+        self._awaiting_agent.discard(uid)
         self._index_claim(uid, None)
         self.scheduler.cancel(uid)
 
@@ -371,13 +375,22 @@ class Engine:
 
         Idle costs nothing: while the live agents would take the same orders as at the last pass,
         only the orders that changed since, or that wait for their grace or a write, are judged
-        again (every tracked one otherwise: 100,000 orders take seconds of CPU)."""
+        again (every tracked one otherwise: 100,000 orders take seconds of CPU). When the agents
+        change, new orders left without conditions for them are initialised if none would take
+        them now."""
         now = self.clock()
         self._forget_gone(now)
-        if self.unschedulable_grace <= 0:
-            return 0
         agents = self.live_agents()
         against = fleet.takers_key(agents)
+        if against != self._judged_against:
+            for uid in list(self._awaiting_agent):
+                tracked = self._tracked.get(uid)
+                if tracked is not None and not any(a.takes(tracked.order) for a in agents):
+                    self._awaiting_agent.discard(uid)
+                    self._arm(tracked)  # initialised now: no live agent would take it any more
+        if self.unschedulable_grace <= 0:
+            self._judged_against = against
+            return 0
         if against != self._judged_against:
             judge: set[str] | dict[str, _Tracked] = self._tracked
             self._judged_against = against
@@ -503,6 +516,8 @@ class Engine:
         tracked = _Tracked(_compact(order, self._specs), first_seen, sign, seen_at, rejection)
         self._tracked[order.uid] = tracked
         self._to_judge.add(order.uid)
+        if not lifecycle.needs_initialise(order):
+            self._awaiting_agent.discard(order.uid)
         self._index_claim(order.uid, order)
         return tracked
 
@@ -560,6 +575,12 @@ class Engine:
             # to the next leader) rather than risk a write after someone else took over.
             log.debug("%s: %s deferred: the lease is about to lapse", order.key, plan.action, extra=order.logref)
             self.scheduler.schedule(uid, now + dt.timedelta(seconds=MIN_WRITE_SECONDS))
+            return
+        awaited = plan.action == Action.INITIALISE and tracked.rejection is None
+        if awaited and any(a.takes(order) for a in self.live_agents()):
+            # A live agent would take it: its claim writes the conditions, and a write now would
+            # cost the API server a request per order of every backlog.
+            self._awaiting_agent.add(uid)
             return
         try:
             if plan.action == Action.DELETE:

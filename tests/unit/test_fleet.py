@@ -530,6 +530,35 @@ def test_an_idle_pass_judges_only_the_orders_that_changed_or_wait(monkeypatch: p
     run(test)
 
 
+def test_a_new_order_a_live_agent_would_take_waits_without_a_write_until_none_would() -> None:
+    """On a backlog the initialise write was a request per order that the claim makes anyway."""
+
+    async def test() -> None:
+        bodies = [order_body({"workType": "build"}, name="wo-1", uid=uid(1)),
+                  order_body({"workType": "test"}, name="wo-2", uid=uid(2))]  # fmt: skip
+        h = Harness(bodies, unschedulable_grace=30, presence_grace=2)
+        h.engine.observe_presence("ADDED", lease(duration=60))  # takes build, not test
+        h.engine.lead()
+        await h.engine.scheduling_pass()
+        await h.step(10)  # past the initialise grace (5 s)
+
+        def conditions(name: str) -> Any:
+            return h.store.bodies[("team-a", name)]["status"].get("conditions")
+
+        assert conditions("wo-1") is None  # an agent will claim it: nothing written
+        assert conditions("wo-2") is not None  # nobody would: "waiting for an agent", as before
+        await h.engine.scheduling_pass()
+        await h.step(10)
+        assert conditions("wo-1") is None
+        h.engine.observe_presence("DELETED", lease(duration=60))
+        await h.engine.scheduling_pass()
+        await h.step(0)
+        assert [c["reason"] for c in conditions("wo-1")] == ["Pending"] * 3
+        await h.engine.follow()
+
+    run(test)
+
+
 def test_a_lost_agent_no_longer_makes_orders_schedulable() -> None:
     async def test() -> None:
         h = Harness([initialised(order_body({"workType": "build"}))], unschedulable_grace=10, presence_grace=2)
