@@ -104,9 +104,12 @@ def test_build_concurrency_bounds_the_builds_in_flight(cluster: Cluster, namespa
     now = phases()
     waiting = next((n for n, p in now.items() if p == "Pending"), None)
     assert waiting is not None, f"two builds at once with --build-concurrency 1: {now}"
-    # Initialised: the grace in which any agent could have claimed it has passed, and the build
-    # agent, busy with the other, did not.
-    wait_for(lambda: initialised(a, namespace, waiting), timeout=30, what=f"{waiting} to be initialised")
+    # The waiting build gets no conditions (the live build agent will take it), so a sentinel no
+    # agent takes tells the time: once the operator initialised it, the grace in which any agent
+    # could have claimed has passed, and the build agent, busy with the other, did not.
+    create_order(cluster.api, namespace, "sentinel", workType="nobody-runs-this")
+    wait_for(lambda: initialised(a, namespace, "sentinel"), timeout=30, what="the sentinel to be initialised")
+    assert initialised(a, namespace, waiting) is None
     assert sorted(str(p) for p in phases().values()) == ["Claimed", "Pending"]
     assert a.read(namespace, waiting).status.attempt == 0
 
