@@ -382,23 +382,19 @@ class Engine:
         self._forget_gone(now)
         agents = self.live_agents()
         against = fleet.takers_key(agents)
-        if against != self._judged_against:
+        agents_changed, self._judged_against = against != self._judged_against, against
+        if agents_changed:
             for uid in list(self._awaiting_agent):
                 tracked = self._tracked.get(uid)
-                if tracked is not None and not any(a.takes(tracked.order) for a in agents):
+                if tracked is not None and not fleet.anyone_takes(tracked.order, agents):
                     self._awaiting_agent.discard(uid)
                     self._arm(tracked)  # initialised now: no live agent would take it any more
         if self.unschedulable_grace <= 0:
-            self._judged_against = against
             return 0
-        if against != self._judged_against:
-            judge: set[str] | dict[str, _Tracked] = self._tracked
-            self._judged_against = against
-        else:
-            judge = self._to_judge
+        judge = list(self._tracked) if agents_changed else list(self._to_judge)
         self._to_judge = set()
         changes: list[tuple[dt.datetime, WorkOrder, bool]] = []
-        for uid in list(judge):
+        for uid in judge:
             tracked = self._tracked.get(uid)
             if tracked is None:
                 continue
@@ -577,7 +573,7 @@ class Engine:
             self.scheduler.schedule(uid, now + dt.timedelta(seconds=MIN_WRITE_SECONDS))
             return
         awaited = plan.action == Action.INITIALISE and tracked.rejection is None
-        if awaited and any(a.takes(order) for a in self.live_agents()):
+        if awaited and fleet.anyone_takes(order, self.live_agents()):
             # A live agent would take it: its claim writes the conditions, and a write now would
             # cost the API server a request per order of every backlog.
             self._awaiting_agent.add(uid)

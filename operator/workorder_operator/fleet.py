@@ -280,12 +280,17 @@ def scheduling(
     if order.status.phase != Phase.PENDING or "conditions" not in order.raw_status:
         return None, None
     marked = unschedulable(order)
-    if any(a.takes(order) for a in agents):
+    if anyone_takes(order, agents):
         return None, (True if marked else None)
     since = unmatched_since or now
     if not marked and now - since >= dt.timedelta(seconds=grace):
         return since, False
     return since, None
+
+
+def anyone_takes(order: WorkOrder, agents: Iterable[Presence]) -> bool:
+    """Whether any of `agents` would take the order."""
+    return any(a.takes(order) for a in agents)
 
 
 def takers_key(agents: Iterable[Presence]) -> frozenset[tuple[Any, ...]]:
