@@ -41,10 +41,18 @@ WATCH_READ_TIMEOUT = 1800.0 + WATCH_GRACE
 Timeout = tuple[float, float]
 # The client type callers hand in (they need not import `kubernetes` for it).
 ApiClient: TypeAlias = client.ApiClient
-# One answer of a paged list: its objects.
-Page: TypeAlias = list[dict[str, Any]]
 # Ask for a list of metadata only (no spec, no status).
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+
+
+class Page(list[dict[str, Any]]):
+    """One answer of a paged list: its objects, and the list's resourceVersion (every page of
+    one listing is a consistent snapshot at the first page's version: a watch from the last
+    page's version misses nothing)."""
+
+    def __init__(self, items: list[dict[str, Any]], resource_version: str) -> None:
+        super().__init__(items)
+        self.resource_version = resource_version
 
 
 def timeout(total: float | None = None) -> Timeout:
@@ -323,7 +331,7 @@ def list_objects(
 
 def list_pages(
     objects: client.CustomObjectsApi, kind: tuple[str, str, str], namespace: str | None, limit: int, **selectors: str
-) -> Iterator[list[dict[str, Any]]]:
+) -> Iterator[Page]:
     """The objects of `kind` matching the selectors, `limit` at a time (limit and continue: the
     first page comes at once however many there are; 0: all in one answer)."""
     group, version, plural = kind
@@ -339,8 +347,9 @@ def list_pages(
                 page = objects.list_namespaced_custom_object(group, version, namespace, plural, **kwargs)
             else:
                 page = objects.list_cluster_custom_object(group, version, plural, **kwargs)
-        yield list(page.get("items") or [])
-        token = (page.get("metadata") or {}).get("continue") or ""
+        meta = page.get("metadata") or {}
+        yield Page(list(page.get("items") or []), str(meta.get("resourceVersion", "")))
+        token = meta.get("continue") or ""
         if not token:
             return
 
