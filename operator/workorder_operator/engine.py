@@ -11,6 +11,7 @@ replica that becomes the leader re-arms every tracked order from its stored stat
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 import sys
@@ -24,7 +25,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from workorder_operator import fleet, lifecycle, metrics
 from workorder_operator.errors import Conflict, NotFound
 from workorder_operator.fleet import Sighting
-from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders, keep_watching
+from workorder_operator.kube import OPERATOR_MANAGER, OrderWatch, Page, WorkOrders, keep_watching
 from workorder_operator.lifecycle import Action, StatusWrite, TransitionError
 from workorder_operator.model import Phase, Spec, Status, WorkOrder, utcnow
 from workorder_operator.presence import PresenceLeases
@@ -466,22 +467,6 @@ class Engine:
             self.forget(uid)
         return len(gone)
 
-    async def resync(self) -> int:
-        """List what exists (metadata only) and forget the rest; returns how many were forgotten."""
-        forgotten = 0
-        for namespace in self.namespaces or (None,):
-            existing, version = await self._api(self.orders.list_versions, namespace)
-            forgotten += self.forget_missing(existing, version, namespace)
-        return forgotten
-
-    async def resync_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.resync()
-            except Exception as exc:  # the API server is away: the next round tries again
-                log.warning("resync of tracked orders failed: %s", exc)
-
     def _track(self, order: WorkOrder, previous: _Tracked | None, rejection: str | None) -> _Tracked:
         s = order.status
         sign = (s.phase, s.claimed_by, s.attempt, s.claimed_at, s.renewed_at)
@@ -667,22 +652,24 @@ class Engine:
         self._event_pool.submit(self._post_event, order, kind, reason, message)
 
 
-class PresenceFeed:
-    """Feeds the engine the presence leases of the watched namespaces (all, or each named one):
-    a thread per scope that lists, then watches from the list's resourceVersion, and lists again
-    after 410 Gone or a broken connection (what vanished meanwhile counts as deleted)."""
+class _Feed:
+    """A thread per scope (each watched namespace, or all) that lists, then watches from the
+    list's resourceVersion, and lists again after 410 Gone or a broken connection; what it reads
+    reaches the engine on the event loop, in the order it was read (`_post`)."""
 
-    def __init__(self, engine: Engine, leases: PresenceLeases, also: Sequence[str] = ()) -> None:
-        """`also`: namespaces to follow besides the engine's, when it watches some only (the
-        presence namespace, where the operator's own agents announce themselves)."""
+    what = ""
+
+    def __init__(self, engine: Engine, scopes: Sequence[str | None]) -> None:
         self.engine = engine
-        self.leases = leases
         self._loop = asyncio.get_running_loop()
         self._stop = threading.Event()
-        self._watches: list[Any] = []
-        scopes = list(dict.fromkeys((*engine.namespaces, *also))) if engine.namespaces else [None]
+        self._watches: list[OrderWatch] = []
+        # Calls for the loop, drained in batches: one wake-up of the loop per burst of events,
+        # not one per event.
+        self._queue: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = collections.deque()
+        self._draining = False
         self._threads = [
-            threading.Thread(target=self._run, args=(ns,), name=f"presence-watch-{ns or 'all'}", daemon=True)
+            threading.Thread(target=self._run, args=(ns,), name=f"{self.what}-watch-{ns or 'all'}", daemon=True)
             for ns in scopes
         ]
 
@@ -696,23 +683,110 @@ class PresenceFeed:
             watch.stop()
 
     def _run(self, namespace: str | None) -> None:
-        keep_watching(self._stop, "presence leases", lambda: self._list_and_watch(namespace))
+        keep_watching(self._stop, self.what, lambda: self._list_and_watch(namespace))
 
     def _list_and_watch(self, namespace: str | None) -> None:
-        bodies, version = self.leases.list(namespace)
-        self._loop.call_soon_threadsafe(self.engine.presence_listed, bodies, namespace)
+        raise NotImplementedError
+
+    def _watch(self, namespace: str | None, version: str, open_watch: Callable[[str], OrderWatch],
+               on_event: Callable[[str, dict[str, Any]], None]) -> None:  # fmt: skip
+        """Watch from `version` until stopped, resuming where each watch ended; returns at
+        410 Gone (too old: the caller lists again)."""
         while not self._stop.is_set():
-            watch = self.leases.watch(namespace, version)
+            watch = open_watch(version)
             self._watches.append(watch)
             try:
                 for kind, body in watch:
                     version = body.get("metadata", {}).get("resourceVersion", version)
                     if kind != "BOOKMARK":
-                        self._loop.call_soon_threadsafe(self.engine.observe_presence, kind, body)
+                        self._post(on_event, kind, body)
             finally:
                 self._watches.remove(watch)
             if watch.gone:
-                return  # too old: list again
+                return
+
+    def _post(self, fn: Callable[..., object], *args: Any) -> None:
+        # No event is lost between the two: `_drain` clears the flag before it empties the queue.
+        self._queue.append((fn, args))
+        if not self._draining:
+            self._draining = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._draining = False
+        while self._queue:
+            fn, args = self._queue.popleft()
+            fn(*args)
+
+    def _posted(self, fn: Callable[..., object], *args: Any) -> None:
+        """`_post`, and wait until the loop has run it (or we stop): a listing thread never
+        runs more than a page ahead of the engine, so a big listing never piles up in memory."""
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                fn(*args)
+            finally:
+                done.set()
+
+        self._post(call)
+        while not done.wait(1.0):
+            if self._stop.is_set() or self._loop.is_closed():
+                return
+
+
+class OrderFeed(_Feed):
+    """Feeds the engine the WorkOrders of the watched namespaces (all, or each named one). The
+    listing is paged (`page_size` orders per request, limit and continue), each page handed to
+    the engine before the next is asked for: start-up on 100,000 orders holds one page of raw
+    objects at a time, not all of them. A listing after the first (410 Gone, a reconnect) also
+    forgets the orders that no longer exist: deleted while the watch was down."""
+
+    what = "workorders"
+
+    def __init__(self, engine: Engine, page_size: int = 500) -> None:
+        super().__init__(engine, list(engine.namespaces) or [None])
+        self.page_size = page_size
+
+    def _list_and_watch(self, namespace: str | None) -> None:
+        existing: dict[str, str] = {}
+        version = ""
+        for page in self.engine.orders.pages(namespace, limit=self.page_size):
+            for body in page:
+                meta = body.get("metadata", {})
+                existing[meta.get("uid", "")] = meta.get("namespace", "")
+            version = page.resource_version
+            self._posted(self._listed, page)
+            if self._stop.is_set():
+                return
+        self._posted(self.engine.forget_missing, existing, version, namespace)
+        del existing
+        self._watch(
+            namespace, version, lambda rv: self.engine.orders.watch(namespace, resource_version=rv),
+            self.engine.observe,
+        )  # fmt: skip
+
+    def _listed(self, page: Page) -> None:
+        for body in page:
+            self.engine.observe(None, body)
+
+
+class PresenceFeed(_Feed):
+    """Feeds the engine the presence leases of the watched namespaces (all, or each named one);
+    what vanished between two listings counts as deleted."""
+
+    what = "presence"
+
+    def __init__(self, engine: Engine, leases: PresenceLeases, also: Sequence[str] = ()) -> None:
+        """`also`: namespaces to follow besides the engine's, when it watches some only (the
+        presence namespace, where the operator's own agents announce themselves)."""
+        super().__init__(engine, list(dict.fromkeys((*engine.namespaces, *also))) if engine.namespaces else [None])
+        self.leases = leases
+
+    def _list_and_watch(self, namespace: str | None) -> None:
+        bodies, version = self.leases.list(namespace)
+        self._post(self.engine.presence_listed, bodies, namespace)
+        self._watch(namespace, version, lambda rv: self.leases.watch(namespace, rv), self.engine.observe_presence)
 
 
 def _name(body: dict[str, Any]) -> tuple[str, str]:

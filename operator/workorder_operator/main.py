@@ -42,6 +42,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG, ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context to use")
     parser.add_argument("--concurrency", type=int, default=32, help="API calls in flight at once (default 32)")
+    parser.add_argument(
+        "--list-page-size", type=int, default=500,
+        help="orders per list request at start-up and after a broken watch (limit/continue; default 500)",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=["plain", "full", "json"], default="full", help="log line format")
     parser.add_argument(
@@ -94,6 +98,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kubeconfig=args.kubeconfig,
         context=args.context,
         concurrency=args.concurrency,
+        list_page_size=args.list_page_size,
         namespaces=tuple(args.namespace),
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,

@@ -50,9 +50,9 @@ class Settings:
     lease: LeaseConfig | None = None
     # This replica's name (the Lease holder, the user agent in audit logs).
     identity: str = field(default_factory=default_identity)
-    # How often every replica lists what exists (metadata only) to forget orders deleted while
-    # its watch was down.
-    resync_seconds: float = 300.0
+    # Orders per list request (limit and continue) when the operator lists them: at start-up and
+    # after its watch broke off.
+    list_page_size: int = 500
     # Where the operator's own agents (the built-in build agent) announce themselves (fleet.py),
     # naming the namespaces they take orders in.
     presence_namespace: str = "default"

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -166,6 +167,26 @@ def test_operator_restart_loses_nothing(cluster: Cluster, namespace: str, operat
     warm = a.read(namespace, "warm")
     assert warm.status.attempt == claimed_before.status.attempt  # expired, not counted as a retry
     assert warm.status.retry_count == 0
+
+
+def test_operator_starting_on_more_orders_than_one_page_acts_on_all(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """The start-up listing is paged (limit and continue): every page reaches the engine, and the
+    watch goes on from the listing's version (an order claimed after start-up expires too)."""
+    a = agent(cluster)
+    for i in range(7):
+        create_order(cluster.api, namespace, f"o{i}", claimTimeoutSeconds=2)
+        a.claim(a.read(namespace, f"o{i}"))
+    with OperatorProcess(
+        cluster.kubeconfig, tmp_path / "operator.log", "-n", namespace, "--no-leader-election",
+        "--no-build-agent", "--list-page-size=2",
+    ).running():  # fmt: skip
+        for i in range(7):
+            wait_for(lambda n=f"o{i}": phase_is(a, namespace, n, "Pending"), timeout=15, what=f"o{i}")  # type: ignore[misc]
+        create_order(cluster.api, namespace, "late", claimTimeoutSeconds=1)
+        a.claim(a.read(namespace, "late"))
+        wait_for(lambda: phase_is(a, namespace, "late", "Pending"), timeout=15, what="late expired")
 
 
 def test_ttl_deletes_finished_orders(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
