@@ -12,6 +12,10 @@
 
     agent.run(handler, concurrency=4)       # or: a watch-driven loop that does all of the above
 
+`run` lists the Pending orders in pages and claims once the first page is in: until the listing
+is done, the offer order (priority high first, then oldest) is best effort, among the orders seen
+so far; after it, exact. It keeps no order's content until it claims that order.
+
 Every write is a compare-and-swap made by `lifecycle` (guarded by phase, claimedBy and the
 attempt number, the fencing token), so a stale handle can never touch a re-claimed order: it
 raises `ClaimLost` instead.
