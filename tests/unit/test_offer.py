@@ -103,12 +103,20 @@ def test_a_candidate_keeps_no_content_yet_builds_the_same_claim_write_as_the_who
     c = offer.candidate(b, everyone)
     assert c is not None
     assert BIG.encode() not in c.body and b"managedFields" not in c.body and len(c.body) < 2000
+    assert c.stored() == offer.without_content(b)
     small = c.order()
     later = NOW + dt.timedelta(hours=2)
     assert lc.claim(small, agent, later, "alice") == lc.claim(full, agent, later, "alice")
     assert (small.key, small.uid, small.resource_version, small.spec.targeting) == (
         full.key, full.uid, full.resource_version, full.spec.targeting)  # fmt: skip
     assert c.sort_key == order_sort_key(full) and c.facts == fleet.Facts.of(full)
+
+
+def test_a_pending_order_is_kept_in_a_few_hundred_bytes() -> None:
+    """Its status is mostly what every Pending order's is (the preset dictionary): 100,000 orders
+    take tens of MB, not GB."""
+    c = body_candidate(body(1))
+    assert len(c.body) < 300 and c.stored() == offer.without_content(body(1))
 
 
 def test_an_unreadable_order_raises_for_the_caller_to_skip() -> None:
