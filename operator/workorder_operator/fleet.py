@@ -146,11 +146,14 @@ class Presence:
 
     def takes(self, order: WorkOrder | Facts) -> bool:
         """Whether this agent would take the order (where, what, and whom it targets)."""
-        facts = order if isinstance(order, Facts) else Facts.of(order)
+        if isinstance(order, Facts):
+            namespace, work_type, targeting = order.namespace, order.work_type, order.targeting
+        else:
+            namespace, work_type, targeting = order.namespace, order.spec.work_type, order.spec.targeting
         return (
-            self.covers(facts.namespace)
-            and (not self.work_types or facts.work_type in self.work_types)
-            and admits(facts.targeting, self.agent)
+            self.covers(namespace)
+            and (not self.work_types or work_type in self.work_types)
+            and admits(targeting, self.agent)
         )
 
     def holds(self, order: WorkOrder) -> bool:
