@@ -361,9 +361,8 @@ def weight(order_uid: str, agent_id: str) -> int:
 
 def ranking(order: WorkOrder | Facts, agents: Iterable[Presence]) -> list[str]:
     """The ids of the `agents` that would take the order, the highest weight first."""
-    facts = order if isinstance(order, Facts) else Facts.of(order)
-    takers = {a.agent.id.lower() for a in agents if a.takes(facts)}
-    return sorted(takers, key=lambda agent_id: (weight(facts.uid, agent_id), agent_id), reverse=True)
+    takers = {a.agent.id.lower() for a in agents if a.takes(order)}
+    return sorted(takers, key=lambda agent_id: (weight(order.uid, agent_id), agent_id), reverse=True)
 
 
 def ranked_first(order: WorkOrder, agents: Iterable[Presence]) -> str | None:

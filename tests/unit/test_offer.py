@@ -111,6 +111,7 @@ def test_a_candidate_keeps_no_content_yet_builds_the_same_claim_write_as_the_who
     assert (small.key, small.uid, small.resource_version, small.spec.targeting) == (
         full.key, full.uid, full.resource_version, full.spec.targeting)  # fmt: skip
     assert c.sort_key == order_sort_key(full) and c.facts == fleet.Facts.of(full)
+    assert c.facts.targeting == full.spec.targeting and c.facts.targeting is not None
 
 
 def test_a_pending_order_is_kept_in_a_few_hundred_bytes() -> None:
@@ -221,6 +222,13 @@ def test_division_stops_reading_once_the_limit_is_reached() -> None:
 
     mine = fleet.divide(lazily(), me, [peer], CREATED, 2.0, limit=5)
     assert len(mine) == 5 and count == orders.index(mine[-1]) + 1
+    # A priority whose own and stolen orders reach the limit exactly: the next priority is not read
+    # past its first order (the one that says the priority ended).
+    urgent = [read(body(i, priority=1)) for i in range(1000, 1004)]
+    count = 0
+    orders = [*urgent, *orders]
+    late = CREATED + dt.timedelta(seconds=2)
+    assert len(fleet.divide(lazily(), me, [peer], late, 2.0, limit=4)) == 4 and count == 5
 
 
 # --- the agent's live view ------------------------------------------------------------------------
