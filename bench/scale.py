@@ -80,7 +80,7 @@ TARGET_CPU_PCT = 2.0
 TARGET_AGENT_CLAIM_S = 10.0
 TARGET_AGENT_RSS_MB = 300.0
 AGENT_WATCH_S = 10.0
-# --only-agent: memory also this long after the first claim (the listing of 100,000 is done by then).
+# --only-agent: memory also this long after the first claim (10 s is before an agent has listed 100,000).
 AGENT_SETTLE_S = 60.0
 AGENT_GIVE_UP_S = 180.0
 TARGET_CLI_FIRST_S = 2.0
@@ -463,7 +463,7 @@ def api_get(cluster: Cluster, path: str) -> tuple[float, int, int]:
 
 def agent_start(cluster: Cluster, api: Any, ns: str, settle_s: float = 0.0) -> dict[str, Any]:
     """One SDK agent process on a queue of only Pending orders: its first claim, its memory;
-    with `settle_s`, its memory again that long after the first claim (its listing long done)."""
+    with `settle_s`, its memory again that long after the first claim."""
     claimed = PhaseWatch(api, ns, "Claimed")
     workdir = Path(tempfile.mkdtemp(prefix="scale-agent-", dir=cluster.directory))
     stats = workdir / "stats.json"
