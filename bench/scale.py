@@ -19,7 +19,10 @@ would have left them), half Claimed with long timeouts (nothing falls due). Then
 - CLI: `kubectl workorder list` on the namespace: seconds to its first order line (target < 2 s)
   and to the end.
 
-Usage: python bench/scale.py [--quick | --orders N]
+--only-agent: only the agent and the CLI part, on a namespace of only Pending orders (no operator:
+the orders are initialised as it would have left them), in bench/results/scale-agent.json.
+
+Usage: python bench/scale.py [--quick | --orders N] [--only-agent]
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from common import (
     thread_pool,
     write_results,
 )
+from kubernetes import client
 
 from workorder_operator import fleet, lifecycle
 from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders
@@ -76,6 +80,8 @@ TARGET_CPU_PCT = 2.0
 TARGET_AGENT_CLAIM_S = 10.0
 TARGET_AGENT_RSS_MB = 300.0
 AGENT_WATCH_S = 10.0
+# --only-agent: memory also this long after the first claim (10 s is before an agent has listed 100,000).
+AGENT_SETTLE_S = 60.0
 AGENT_GIVE_UP_S = 180.0
 TARGET_CLI_FIRST_S = 2.0
 SETTLE_S = 5.0
@@ -207,6 +213,105 @@ def run(quick: bool, orders: int | None = None, api_orders: int = API_ORDERS) ->
         data["cli"] = cli_list(cluster, ns)
     report(data, target_startup_s, target_rss_mb)
     return write_results(NAME, quick, data, headlines(data, target_startup_s, target_rss_mb), chart(data))
+
+
+def run_agent_only(quick: bool, orders: int | None = None, api_orders: int = API_ORDERS) -> dict[str, Any]:
+    """The agent and CLI part alone: every order Pending (initialised), no operator running."""
+    n = orders or (1000 if quick else 10000)
+    data: dict[str, Any] = {"orders": n, "content_bytes": len(CONTENT), "only_agent": True}
+    with control_plane(NAME) as cluster:
+        ns = cluster.namespace("scale")
+        api = cluster.client(pool=CREATORS)
+        initialiser = WorkOrders(api, OPERATOR_MANAGER)
+
+        def one(i: int) -> None:
+            order = create_order(api, ns, name_of(i), yamlContent=CONTENT, claimTimeoutSeconds=86400)
+            cas(initialiser, order, lambda o: lifecycle.initialise(o, utcnow()))
+
+        api_n = min(n, max(api_orders, 1))
+        log(f"creating {api_n} Pending orders (1 KB each), {CREATORS} threads ...")
+        data["create_seconds"] = in_pool(one, api_n, "created")
+        data["created_through_api"] = api_n
+        if api_n < n:
+            log(f"writing {n - api_n} copies of s-000000 (Pending) into etcd ...")
+            copies = EtcdCopies(cluster, ns)
+            template = copies.read(name_of(0))
+
+            def copy(i: int) -> None:
+                body = json.loads(json.dumps(template))
+                body["metadata"].update(name=name_of(i), uid=str(uuid.uuid4()))
+                copies.write(name_of(i), body)
+
+            data["copy_seconds"] = in_pool(copy, range(api_n, n), "copied")
+        data["listed"] = listed(api, ns, n)
+        log(f"{data['listed']} of {n} orders listed; starting one SDK agent ...")
+        data["agent"] = agent_start(cluster, api, ns, settle_s=AGENT_SETTLE_S)
+        log("`kubectl workorder list` ...")
+        data["cli"] = cli_list(cluster, ns)
+    a, c = data["agent"], data["cli"]
+    table(
+        f"scale, agent only: {n} Pending orders of 1 KB",
+        ["figure", "value", "target"],
+        [
+            ["agent: first claim (s)", a["first_claim_s"], f"< {TARGET_AGENT_CLAIM_S:.0f}"],
+            ["agent: RSS at first claim / 10 s later (MB)",
+             f"{a['rss_at_first_claim_mb']:.0f} / {a['rss_later_mb']:.0f}", f"< {TARGET_AGENT_RSS_MB:.0f}"],
+            ["agent: peak RSS (MB)", a["peak_rss_mb"], ""],
+            ["agent: claims 10 s after the first", a["claims_later"], ""],
+            [f"agent: RSS / peak RSS (MB), claims {AGENT_SETTLE_S:.0f} s after the first",
+             f"{a['rss_settled_mb']:.0f} / {a['peak_rss_settled_mb']:.0f}, {a['claims_settled']}", ""],
+            ["CLI list: first order line / all (s)", f"{c['first_order_s']:.2f} / {c['total_s']:.1f}",
+             f"< {TARGET_CLI_FIRST_S:.0f}"],
+        ],
+    )  # fmt: skip
+    return write_results(f"{NAME}-agent", quick, data, agent_headlines(data), agent_chart(data))
+
+
+def listed(api: Any, ns: str, n: int, timeout: float = 120) -> int:
+    """How many orders a list shows, once it shows all `n` (etcd copies reach the API server's
+    cache through its watch) or `timeout` has passed."""
+    objects = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + timeout
+    while True:
+        page = objects.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, limit=1)
+        count = len(page.get("items") or []) + int((page.get("metadata") or {}).get("remainingItemCount") or 0)
+        if count >= n or time.monotonic() > deadline:
+            return count
+        time.sleep(1)
+
+
+def agent_headlines(d: dict[str, Any]) -> list[Headline]:
+    a, c = d["agent"], d["cli"]
+    rss = max(a["rss_at_first_claim_mb"], a["rss_later_mb"], a.get("rss_settled_mb", 0.0))
+    return [
+        Headline("agent: first claim", a["first_claim_s"], "s", f"< {TARGET_AGENT_CLAIM_S:.0f} s",
+                 a["first_claim_s"] < TARGET_AGENT_CLAIM_S),
+        Headline(f"agent: RSS (at first claim, 10 s, {AGENT_SETTLE_S:.0f} s later)", rss, "MB",
+                 f"< {TARGET_AGENT_RSS_MB:.0f} MB", rss < TARGET_AGENT_RSS_MB),
+        Headline("agent: peak RSS", a.get("peak_rss_settled_mb", a["peak_rss_mb"]), "MB"),
+        Headline("CLI list: first order line", c["first_order_s"], "s", f"< {TARGET_CLI_FIRST_S:.0f} s",
+                 c["first_order_s"] < TARGET_CLI_FIRST_S),
+    ]  # fmt: skip
+
+
+def agent_chart(d: dict[str, Any]) -> Any:
+    a = d["agent"]
+    panels = [
+        ("first claim / first line (s)", [("agent", a["first_claim_s"]), ("CLI list", d["cli"]["first_order_s"])],
+         TARGET_AGENT_CLAIM_S),
+        ("agent RSS (MB)", [("1st claim", a["rss_at_first_claim_mb"]), ("+10 s", a["rss_later_mb"]),
+                            ("peak", a["peak_rss_mb"])], TARGET_AGENT_RSS_MB),
+    ]  # fmt: skip
+    fig, axes = new_figure(ncols=len(panels), width=3.6)
+    for ax, (title, bars, target) in zip(axes, panels, strict=True):
+        colors = ["tab:green" if value < target else "tab:red" for _, value in bars]
+        ax.bar([b for b, _ in bars], [v for _, v in bars], color=colors, width=0.6)
+        ax.axhline(target, color="tab:red", linestyle="--", label=f"target < {target:g}")
+        ax.set_ylim(0, max(target, *(v for _, v in bars)) * 1.25)
+        ax.set_title(title)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[0].set_xlabel(f"{d['orders']:,} Pending orders")
+    return fig
 
 
 def so_far(data: dict[str, Any]) -> None:
@@ -356,8 +461,9 @@ def api_get(cluster: Cluster, path: str) -> tuple[float, int, int]:
 # --- an agent and the CLI on the big queue --------------------------------------------------------
 
 
-def agent_start(cluster: Cluster, api: Any, ns: str) -> dict[str, Any]:
-    """One SDK agent process on a queue of only Pending orders: its first claim, its memory."""
+def agent_start(cluster: Cluster, api: Any, ns: str, settle_s: float = 0.0) -> dict[str, Any]:
+    """One SDK agent process on a queue of only Pending orders: its first claim, its memory;
+    with `settle_s`, its memory again that long after the first claim."""
     claimed = PhaseWatch(api, ns, "Claimed")
     workdir = Path(tempfile.mkdtemp(prefix="scale-agent-", dir=cluster.directory))
     stats = workdir / "stats.json"
@@ -389,6 +495,12 @@ def agent_start(cluster: Cluster, api: Any, ns: str) -> dict[str, Any]:
             claims_later=claimed.count(),
             peak_rss_mb=proc_status_mb(proc.pid, "VmHWM"),
         )
+        if settle_s > AGENT_WATCH_S:
+            time.sleep(settle_s - AGENT_WATCH_S)
+            out_.update(settled_s=settle_s, rss_settled_mb=proc_usage(proc.pid)[1], claims_settled=claimed.count(),
+                        peak_rss_settled_mb=proc_status_mb(proc.pid, "VmHWM"))  # fmt: skip
+            log(f"  {settle_s:.0f}s after the first claim: RSS {out_['rss_settled_mb']:.0f} MB, "
+                f"peak {out_['peak_rss_settled_mb']:.0f} MB, {out_['claims_settled']} claims")  # fmt: skip
     finally:
         claimed.stop()
         proc.terminate()
@@ -514,11 +626,17 @@ def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-orders", type=int, default=API_ORDERS, help="how many are created through the API (the rest: copies)"
     )
+    parser.add_argument(
+        "--only-agent", action="store_true", help="only the agent and CLI part (every order Pending, no operator)"
+    )
 
 
 def main() -> int:
-    return main_of(lambda args: run(args.quick, args.orders, args.api_orders), __doc__.split("\n")[0],
-                   "1,000 orders and a 10 s idle window", options)  # fmt: skip
+    def chosen(args: argparse.Namespace) -> dict[str, Any]:
+        only = run_agent_only if args.only_agent else run
+        return only(args.quick, args.orders, args.api_orders)
+
+    return main_of(chosen, __doc__.split("\n")[0], "1,000 orders and a 10 s idle window", options)
 
 
 if __name__ == "__main__":

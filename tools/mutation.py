@@ -28,7 +28,7 @@ STAGE = ROOT / ".mutation"
 EQUIVALENTS = ROOT / "tests" / "mutation-equivalents.txt"
 PACKAGE = "workorder_operator"
 # The pure core: no I/O, so every mutant can be judged by unit tests alone.
-CORE = ("lifecycle", "backoff", "targeting", "model", "build", "seed", "fleet")
+CORE = ("lifecycle", "backoff", "targeting", "model", "build", "seed", "fleet", "offer")
 # A mutant that makes the tests hang is as caught as one that makes them fail.
 DETECTED = ("killed", "timeout")
 

@@ -12,6 +12,10 @@
 
     agent.run(handler, concurrency=4)       # or: a watch-driven loop that does all of the above
 
+`run` lists the Pending orders in pages and claims once the first page is in: until the listing
+is done, the offer order (priority high first, then oldest) is best effort, among the orders seen
+so far; after it, exact. It keeps no order's content until it claims that order.
+
 Every write is a compare-and-swap made by `lifecycle` (guarded by phase, claimedBy and the
 attempt number, the fencing token), so a stale handle can never touch a re-claimed order: it
 raises `ClaimLost` instead.
@@ -20,20 +24,22 @@ raises `ClaimLost` instead.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from workorder_operator import fleet, lifecycle
+from workorder_operator import fleet, lifecycle, offer
 from workorder_operator.errors import Conflict, Failure, NotFound, Transient, WorkOrderError
 from workorder_operator.kube import ApiClient, OrderWatch, WorkOrders, api_error, keep_watching, whoami
 from workorder_operator.lifecycle import StatusWrite, TransitionError
 from workorder_operator.model import Phase, WorkOrder, utcnow
+from workorder_operator.offer import Candidate, Offer
 from workorder_operator.presence import PresenceLeases
 from workorder_operator.targeting import AgentIdentity, admits, check_agent_id
 
@@ -45,6 +51,8 @@ CLAIM_WINDOW_MAX = 32
 LOST_RACES_PER_ROUND = 2
 # How long a starting agent waits for its first look at its peers before it claims anything.
 PEERS_FIRST_LOOK_SECONDS = 5.0
+# Orders per list request (limit/continue): the first page is claimable at once, however long the queue.
+PAGE_SIZE = 500
 
 
 __all__ = ["Agent", "Claim", "ClaimLost", "Failure"]
@@ -69,7 +77,7 @@ def readable(bodies: list[dict[str, Any]]) -> list[WorkOrder]:
 
 def order_sort_key(order: WorkOrder) -> tuple[int, Any, str]:
     """The offer order: priority high first, then oldest first (name breaks ties)."""
-    return (-order.spec.priority, order.created_at, order.key)
+    return offer.sort_key(order)
 
 
 class Claim:
@@ -220,13 +228,15 @@ class Agent:
         lease_duration: float = fleet.LEASE_SECONDS,
         presence_namespace: str | None = None,
         steal_delay: float | None = fleet.STEAL_DELAY_SECONDS,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         """`lease_duration`: the term of this agent's presence lease (`run` announces it; renewed
         every third of it); once it lapses, the operator expires this agent's claims at once.
         `presence_namespace`: where it announces itself (default: its namespace; for an
         all-namespaces agent, `default`). `steal_delay`: `run` divides the queue with the other live
         agents it sees there (rendezvous hashing, `fleet.divide`): it tries the orders it ranks first,
-        then those that waited longer than this for their first-ranked agent; None: no division."""
+        then those that waited longer than this for their first-ranked agent; None: no division.
+        `page_size`: orders per list request (limit/continue); `run` claims once the first page is in."""
         self.api = api
         agent_id = check_agent_id(id, "Agent id") if id is not None else str(uuid.uuid4())
         self.identity = AgentIdentity(agent_id, tuple(labels), dict(annotations or {}))
@@ -254,6 +264,7 @@ class Agent:
         self._user: str | None = None
         # How many of the oldest candidates the run loop spreads its attempts over (grows on lost races).
         self._window = 1
+        self.page_size = page_size
 
     @property
     def id(self) -> str:
@@ -308,10 +319,11 @@ class Agent:
         )
 
     def candidates(self) -> list[WorkOrder]:
-        """Claimable orders, in offer order."""
-        bodies, _ = self.orders.list(self.namespace, field_selector=self._selector())
-        orders = readable(bodies)
-        return sorted((o for o in orders if self.takes(o)), key=order_sort_key)
+        """Claimable orders, in offer order (each with its content: for a short queue; `run`
+        keeps only what it needs of each)."""
+        pages = self.orders.pages(self.namespace, self._selector(), self.page_size)
+        orders = [o for page in pages for o in readable(page) if self.takes(o)]
+        return sorted(orders, key=order_sort_key)
 
     def claim(self, order: WorkOrder) -> Claim | None:
         """Claim this order; None if another agent was faster (that is normal)."""
@@ -348,9 +360,12 @@ class Agent:
 
     def held(self) -> list[Claim]:
         """Handles on the claims this agent id holds now: after a restart, resume them."""
-        bodies, _ = self.orders.list(self.namespace, field_selector=f"status.phase={Phase.CLAIMED}")
-        orders = readable(bodies)
-        return [Claim(self, o) for o in orders if o.status.claimed_by == self.id and self.takes_type(o)]
+        held = []
+        for page in self.orders.pages(self.namespace, f"status.phase={Phase.CLAIMED}", self.page_size):
+            # Only ours are parsed: the others' may be many.
+            ours = [b for b in page if (b.get("status") or {}).get("claimedBy") == self.id]
+            held += [Claim(self, o) for o in readable(ours) if self.takes_type(o)]
+        return held
 
     def claim_next(self, candidates: Sequence[WorkOrder] | None = None) -> Claim | None:
         """The first candidate this agent wins, trying the next on each lost race."""
@@ -440,10 +455,13 @@ class Agent:
                         claim.release("agent shutting down")
                         log.info("%s: released (agent shutting down)", claim.order.key, extra=claim.order.logref)
 
-    def _divided(self, candidates: list[WorkOrder]) -> list[WorkOrder]:
-        """The candidates in the order this agent should try them, given the agents it sees."""
-        if self.peers is None or self.steal_delay is None or not candidates:
-            return candidates
+    def _divided(self, candidates: Iterable[Candidate], waiting: int) -> list[Candidate]:
+        """The first candidates (in offer order, read lazily) in the order this agent should try
+        them, given the agents it sees; `waiting`: how many candidates there are in all."""
+        # A claim round tries a few of the first candidates (see _spread, _claim_from).
+        limit = CLAIM_WINDOW_MAX + 1
+        if self.peers is None or self.steal_delay is None:
+            return list(itertools.islice(candidates, limit))
         me = fleet.Presence(
             namespace=self.presence_namespace, name=fleet.lease_name(self.id), agent=self.identity,
             work_types=self.work_types, user=self._user or "",
@@ -454,36 +472,36 @@ class Agent:
         seen = tuple(sorted(p.key for p in peers))
         if seen != self._ranks_of:  # another set of agents ranks orders anew
             self._ranks, self._ranks_of = {}, seen
-        if len(self._ranks) > 4 * len(candidates) + 1024:  # forget orders long gone
+        if len(self._ranks) > 4 * waiting + 1024:  # forget orders long gone
             self._ranks = {}
-        # A claim round tries a few of the first candidates (see _spread, _claim_from).
-        return fleet.divide(candidates, me, peers, utcnow(), self.steal_delay, limit=CLAIM_WINDOW_MAX + 1,
-                            ranks=self._ranks)  # fmt: skip
+        return fleet.divide(candidates, me, peers, utcnow(), self.steal_delay, limit=limit, ranks=self._ranks,
+                            facts=lambda c: c.facts)  # fmt: skip
 
     def _claim_from(self, pending: PendingOrders) -> Claim | None:
-        for lost, order in enumerate(self._spread(self._divided(pending.snapshot()))):
+        for lost, candidate in enumerate(self._spread(pending.choose(self._divided))):
             if lost >= LOST_RACES_PER_ROUND:
                 # Others are taking what we see: marching down a stale list only loses more races.
                 # A short, random pause lets our watch catch up and the racers drift apart.
                 time.sleep(random.uniform(0.01, 0.04))
                 return None
-            claim = self.claim(order)
+            # Parsed only now, for the claim write; the reply (the claim's order) has the content.
+            claim = self.claim(candidate.order())
             # Won or lost, this version is no longer Pending; the watch brings it back if it is again.
-            pending.discard(order)
+            pending.discard(candidate)
             if claim is not None:
                 self._window = max(1, self._window // 2)
                 return claim
             self._window = min(CLAIM_WINDOW_MAX, self._window * 2)
         return None
 
-    def _spread(self, candidates: list[WorkOrder]) -> list[WorkOrder]:
+    def _spread(self, candidates: list[Candidate]) -> list[Candidate]:
         """Candidates in offer order, except that after lost races the first few of the same
         priority are tried in random order: many agents stop all racing for the one oldest order.
-        Uncontended, the window is 1 and the order is strict."""
+        Uncontended, the window is 1 and the order is strict. `candidates`: the few `_divided` chose."""
         if self._window <= 1 or not candidates:
             return candidates
-        top = candidates[0].spec.priority
-        head = [o for o in candidates[: self._window] if o.spec.priority == top]
+        top = candidates[0].facts.priority
+        head = [c for c in candidates[: self._window] if c.facts.priority == top]
         random.shuffle(head)
         return head + candidates[len(head) :]
 
@@ -667,16 +685,23 @@ class Peers:
 
 
 class PendingOrders:
-    """A live view of the Pending orders an agent could take, fed by a watch.
+    """A live view of the Pending orders an agent would take, fed by a watch, without their
+    content (`offer.Candidate`: an order is parsed whole only when a claim round tries it).
 
-    Lists once, then watches from the list's resourceVersion; on 410 Gone or any connection
-    error (an API server restart) it lists again after a short backoff. An order leaving
-    Pending leaves the field-selected watch as a DELETED event."""
+    Lists page by page (`Agent.page_size` orders a request), then watches from the last page's
+    resourceVersion; on 410 Gone or any connection error (an API server restart) it lists again
+    after a short backoff. The first listing fills the view as its pages come in, so the agent
+    claims as soon as the first page is in (in offer order among what it has seen so far: exact
+    once the listing is done); a later listing fills a new view that replaces the old one when it
+    is complete (orders it did not bring are gone), so claims never stop meanwhile. An order
+    leaving Pending leaves the field-selected watch as a DELETED event."""
 
     def __init__(self, agent: Agent, stop: threading.Event) -> None:
         self.agent = agent
         self._stop = stop
-        self._orders: dict[str, WorkOrder] = {}
+        self._offer = Offer()
+        # Whether a listing ever completed (until then, the view is filled in place).
+        self._listed = False
         self._lock = threading.Lock()
         self.changed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="workorder-watch", daemon=True)
@@ -690,25 +715,71 @@ class PendingOrders:
         if self._watch is not None:
             self._watch.stop()
 
-    def snapshot(self) -> list[WorkOrder]:
+    def __len__(self) -> int:
         with self._lock:
-            return sorted((o for o in self._orders.values() if self.agent.takes(o)), key=order_sort_key)
+            return len(self._offer)
 
-    def discard(self, order: WorkOrder) -> None:
+    def snapshot(self) -> list[WorkOrder]:
+        """Every candidate, parsed, in offer order (for a look at a short queue: `choose` reads lazily)."""
+        with self._lock:
+            candidates = list(self._offer)
+        return [c.order() for c in candidates]
+
+    def choose(self, select: Callable[[Iterable[Candidate], int], list[Candidate]]) -> list[Candidate]:
+        """What `select` takes of the candidates (in offer order, read lazily; and how many there
+        are), under the lock: the watch does not change the view while it reads."""
+        with self._lock:
+            return select(iter(self._offer), len(self._offer))
+
+    def discard(self, candidate: Candidate) -> None:
         """Forget this version of an order (a newer one the watch already brought stays)."""
         with self._lock:
-            held = self._orders.get(order.key)
-            if held is not None and held.resource_version == order.resource_version:
-                del self._orders[order.key]
+            self._offer.discard(candidate.key, candidate.resource_version)
 
     def _loop(self) -> None:
         keep_watching(self._stop, "pending orders", self._list_and_watch)
 
-    def _list_and_watch(self) -> None:
-        bodies, version = self.agent.orders.list(self.agent.namespace, field_selector=self.agent._selector())
+    def _candidate(self, body: dict[str, Any]) -> Candidate | None:
+        """The order's candidate; None if this agent would not take it (or it is not Pending),
+        or if it is unreadable (the API server accepts dates like year 0000): skipped with a
+        warning instead of blocking every other order."""
+        try:
+            return offer.candidate(body, self.agent.takes)
+        except (KeyError, ValueError, TypeError) as exc:
+            meta = body.get("metadata", {})
+            log.warning("workorder %s/%s: unreadable (%s); skipping it", meta.get("namespace"), meta.get("name"), exc)
+            return None
+
+    def _list(self) -> str:
+        """List every page into the view; the last page's resourceVersion (to watch from)."""
+        a = self.agent
         with self._lock:
-            self._orders = {o.key: o for o in readable(bodies)}
+            # Before a first complete listing the view is filled in place (claims start with the
+            # first page); after one, a new view is filled and replaces the old one at the end.
+            fresh = self._offer if not self._listed else Offer()
+            # What an interrupted first listing left that this one does not bring is dropped at the end.
+            stale = self._offer.keys() if fresh is self._offer else set()
+        version = ""
+        for page in a.orders.pages(a.namespace, a._selector(), a.page_size):
+            candidates = [c for c in map(self._candidate, page) if c is not None]
+            with self._lock:
+                for c in candidates:
+                    fresh.put(c)
+                    stale.discard(c.key)
+            version = page.resource_version
+            if fresh is self._offer:
+                self.changed.set()  # claim what is in already: the other pages keep coming
+            if self._stop.is_set():
+                return version
+        with self._lock:
+            for key in stale:
+                fresh.remove(key)
+            self._offer, self._listed = fresh, True
         self.changed.set()
+        return version
+
+    def _list_and_watch(self) -> None:
+        version = self._list()
         while not self._stop.is_set():
             self._watch = self.agent.orders.watch(
                 self.agent.namespace, field_selector=self.agent._selector(), resource_version=version
@@ -717,21 +788,16 @@ class PendingOrders:
                 version = body["metadata"]["resourceVersion"]
                 if kind == "BOOKMARK":
                     continue
-                if kind == "DELETED":  # left Pending (the field selector): no need to parse it
-                    meta = body["metadata"]
-                    with self._lock:
-                        self._orders.pop(f"{meta.get('namespace', '')}/{meta['name']}", None)
-                    self.changed.set()
-                    continue
-                parsed = readable([body])
-                if not parsed:
-                    continue
-                order = parsed[0]
+                meta = body["metadata"]
+                key = f"{meta.get('namespace', '')}/{meta['name']}"
+                # DELETED: left Pending (the field selector): no need to parse it. Otherwise None
+                # when it is not Pending any more or not for this agent (or unreadable: skipped).
+                candidate = None if kind == "DELETED" else self._candidate(body)
                 with self._lock:
-                    if order.status.phase != Phase.PENDING:
-                        self._orders.pop(order.key, None)
+                    if candidate is None:
+                        self._offer.remove(key)
                     else:
-                        self._orders[order.key] = order
+                        self._offer.put(candidate)
                 self.changed.set()
                 if self._stop.is_set():
                     return

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -30,7 +31,7 @@ from typing import IO, Any, NoReturn
 import yaml
 
 from workorder_operator import __version__, fleet, lifecycle
-from workorder_operator.agent import Agent, Claim, ClaimLost, Failure, readable
+from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
 from workorder_operator.errors import Conflict, NotFound, Transient, WorkOrderError
 from workorder_operator.kube import KubeconfigError, WorkOrders, api_client, api_error, kubeconfig_namespace
 from workorder_operator.model import PLURAL, Phase, WorkOrder, format_time, order_body, utcnow
@@ -352,8 +353,13 @@ def cmd_agents(s: Session, args: argparse.Namespace) -> int:
         except ValueError as exc:
             meta = body.get("metadata", {})
             print(f"warning: presence lease {meta.get('namespace')}/{meta.get('name')}: {exc}", file=sys.stderr)
-    claimed, _ = s.orders.list(scope, field_selector=f"status.phase={Phase.CLAIMED}")
-    orders = readable(claimed)
+    # Claims held, by (agent id, namespace): read page by page, nothing parsed (there may be many).
+    held: Counter[tuple[str, str]] = Counter()
+    for page in s.orders.pages(scope, f"status.phase={Phase.CLAIMED}", args.chunk_size):
+        for body in page:
+            holder = (body.get("status") or {}).get("claimedBy")
+            if holder:
+                held[(holder, body["metadata"].get("namespace", ""))] += 1
     now = utcnow()
     rows: list[dict[str, Any]] = []
     for p in sorted(agents, key=lambda p: (p.namespace, p.agent.id)):
@@ -364,7 +370,7 @@ def cmd_agents(s: Session, args: argparse.Namespace) -> int:
             "namespaces": list(p.namespaces),
             "leaseDurationSeconds": int(p.duration),
             "renewTime": format_time(p.renew_time) if p.renew_time else None,
-            "claims": sum(1 for o in orders if o.status.claimed_by == p.agent.id and p.covers(o.namespace)),
+            "claims": sum(n for (holder, ns), n in held.items() if holder == p.agent.id and p.covers(ns)),
             "status": "Live" if live else "Lost",
             "lastSeen": duration(now - p.renew_time) if p.renew_time else "never",
         })  # fmt: skip
@@ -730,6 +736,9 @@ def parser() -> argparse.ArgumentParser:
     rq.add_argument("name")
     ags = add("agents", cmd_agents, "list the agents that announced themselves: types, labels, claims, Live/Lost")
     ags.add_argument("-A", "--all-namespaces", action="store_true")
+    ags.add_argument(
+        "--chunk-size", type=int, default=500, help="claimed orders per request (limit/continue); 0: all at once"
+    )
 
     def identity(sp: argparse.ArgumentParser, types: bool) -> None:
         sp.add_argument(

@@ -19,12 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from workorder_operator.lifecycle import SCHEDULABLE, agent_time
-from workorder_operator.model import Phase, WorkOrder, format_time, parse_time
+from workorder_operator.model import Phase, Targeting, WorkOrder, format_time, parse_time
 from workorder_operator.targeting import AgentIdentity, admits, check_agent_id
 
 # How the operator finds presence leases (a label selector) and tells them from its own leader
@@ -97,6 +97,26 @@ def lease_body(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What dividing the queue needs of a Pending order (`divide`), without its content: an agent
+    keeps these for every order it could take (agent.PendingOrders, offer.Candidate)."""
+
+    uid: str
+    namespace: str
+    work_type: str
+    targeting: Targeting | None
+    priority: int
+    waiting_since: dt.datetime
+
+    @classmethod
+    def of(cls, order: WorkOrder) -> Facts:
+        return cls(
+            order.uid, order.namespace, order.spec.work_type, order.spec.targeting, order.spec.priority,
+            waiting_since(order),
+        )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Presence:
     """One presence lease, as read."""
@@ -124,12 +144,16 @@ class Presence:
         """Whether this agent takes orders in `namespace`."""
         return self.cluster_wide or namespace in self.namespaces
 
-    def takes(self, order: WorkOrder) -> bool:
+    def takes(self, order: WorkOrder | Facts) -> bool:
         """Whether this agent would take the order (where, what, and whom it targets)."""
+        if isinstance(order, Facts):
+            namespace, work_type, targeting = order.namespace, order.work_type, order.targeting
+        else:
+            namespace, work_type, targeting = order.namespace, order.spec.work_type, order.spec.targeting
         return (
-            self.covers(order.namespace)
-            and (not self.work_types or order.spec.work_type in self.work_types)
-            and admits(order.spec.targeting, self.agent)
+            self.covers(namespace)
+            and (not self.work_types or work_type in self.work_types)
+            and admits(targeting, self.agent)
         )
 
     def holds(self, order: WorkOrder) -> bool:
@@ -335,7 +359,7 @@ def weight(order_uid: str, agent_id: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def ranking(order: WorkOrder, agents: Iterable[Presence]) -> list[str]:
+def ranking(order: WorkOrder | Facts, agents: Iterable[Presence]) -> list[str]:
     """The ids of the `agents` that would take the order, the highest weight first."""
     takers = {a.agent.id.lower() for a in agents if a.takes(order)}
     return sorted(takers, key=lambda agent_id: (weight(order.uid, agent_id), agent_id), reverse=True)
@@ -355,8 +379,11 @@ def waiting_since(order: WorkOrder) -> dt.datetime:
     return max(order.created_at, order.status.updated_at)
 
 
+T = TypeVar("T")
+
+
 def divide(
-    candidates: Sequence[WorkOrder],
+    candidates: Iterable[T],
     me: Presence,
     peers: Iterable[Presence],
     now: dt.datetime,
@@ -364,7 +391,8 @@ def divide(
     *,
     limit: int | None = None,
     ranks: dict[str, int] | None = None,
-) -> list[WorkOrder]:
+    facts: Callable[[T], Facts] | None = None,
+) -> list[T]:
     """The candidates this agent should try, in the order to try them: of each priority (highest
     first), those it ranks first among the live agents that admit them (itself included), in offer
     order (oldest first); then those that have waited longer than `steal_delay` for the agent that
@@ -372,29 +400,39 @@ def divide(
     third, and so on (offer order within a rank). Agents that see each other thus divide the queue
     instead of all racing for the oldest order, and on a backlog they steal different orders too.
 
-    `limit`: the most wanted (the rest of the list is not ranked: a claim loop tries a few).
+    `candidates`: in offer order (priority high first, then oldest), read lazily: with a `limit`
+    (the most wanted) reading stops once that many are found, so the rest is neither read nor
+    ranked (a claim loop tries a few of 100,000). A priority's stolen orders come after its own,
+    so they are emitted when the next priority starts (or the candidates end).
     `ranks`: a cache of this agent's rank for each order (by uid; 0 = first) among these same
     agents; the caller empties it when the agents change (an order's spec, hence its ranking,
-    never does)."""
+    never does). `facts`: what to divide by, for candidates that are not WorkOrders."""
+    view = facts or cast(Callable[[T], Facts], Facts.of)
     agents = [me, *(p for p in peers if p.agent.id.lower() != me.agent.id.lower())]
     late = dt.timedelta(seconds=steal_delay)
     mine = me.agent.id.lower()
     cache = ranks if ranks is not None else {}
-    ordered = sorted(candidates, key=lambda o: -o.spec.priority)  # stable: offer order within a priority
-    out: list[WorkOrder] = []
-    stale: list[tuple[int, WorkOrder]] = []
-    for k, order in enumerate(ordered):
-        if order.uid not in cache:
-            ranked = ranking(order, agents)
-            cache[order.uid] = ranked.index(mine) if mine in ranked else len(agents)
-        if cache[order.uid] == 0:
-            out.append(order)
-        elif now - waiting_since(order) >= late:
-            stale.append((cache[order.uid], order))
-        if k + 1 == len(ordered) or ordered[k + 1].spec.priority != order.spec.priority:
+    out: list[T] = []
+    stale: list[tuple[int, T]] = []
+    priority: int | None = None
+    for candidate in candidates:
+        f = view(candidate)
+        if f.priority != priority:
             # After its own, by rank; the sort is stable, so offer order within a rank.
             out.extend(o for _, o in sorted(stale, key=lambda s: s[0]))
             stale = []
-        if limit is not None and len(out) >= limit:
-            break
+            if limit is not None and len(out) >= limit:
+                break
+            priority = f.priority
+        if f.uid not in cache:
+            ranked = ranking(f, agents)
+            cache[f.uid] = ranked.index(mine) if mine in ranked else len(agents)
+        if cache[f.uid] == 0:
+            out.append(candidate)
+            if limit is not None and len(out) >= limit:
+                return out
+        elif now - f.waiting_since >= late:
+            stale.append((cache[f.uid], candidate))
+    else:
+        out.extend(o for _, o in sorted(stale, key=lambda s: s[0]))
     return out[:limit]  # a priority's stale orders may have gone past the limit

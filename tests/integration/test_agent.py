@@ -29,7 +29,7 @@ from tests.conftest import Cluster
 from tests.support import OperatorProcess, create_order, wait_for
 from tests.support import RunningAgent as Running
 from workorder_operator.agent import Agent, Claim, ClaimLost, Failure
-from workorder_operator.kube import WorkOrders, api_client
+from workorder_operator.kube import Page, WorkOrders, api_client
 from workorder_operator.model import GROUP, PLURAL, VERSION, WorkOrder, utcnow
 
 Handler = Callable[[Claim], str | None]
@@ -212,6 +212,34 @@ def test_orders_are_offered_by_priority_then_oldest_first(
     assert names(agent.candidates()) == expected
     assert [c.name for c in claim_all(agent)] == expected
     assert agent.candidates() == []
+
+
+def test_a_running_agent_lists_in_pages_and_claims_in_offer_order_with_each_order_s_content(
+    cluster: Cluster, namespace: str, make_agent: Callable[..., Agent]
+) -> None:
+    """More orders than one page: the agent claims from the first page on (the API lists by name:
+    the first page holds the lowest priorities here), and once the listing is in, in offer order.
+    It keeps no content per order, yet its handler sees each order's yamlContent."""
+    created = [
+        create_order(cluster.api, namespace, f"o-{i:02d}", priority=i // 2, yamlContent=f"order: {i}\n")
+        for i in range(11)
+    ]
+    offer = [c["metadata"]["name"] for c in sorted(created, key=lambda c: (
+        -c["spec"]["priority"], c["metadata"]["creationTimestamp"], c["metadata"]["name"]))]  # fmt: skip
+    seen: list[tuple[str, str]] = []
+
+    def handler(claim: Claim) -> str:
+        seen.append((claim.order.name, claim.order.spec.yaml_content))
+        if len(seen) == 1:  # the first claim may come before the last page: let the listing finish
+            time.sleep(1.5)
+        return "ok"
+
+    agent = make_agent(page_size=3)
+    with running(agent, handler):
+        wait_for(lambda: len(seen) == len(created), timeout=30, what="every order handled")
+    assert sorted(seen) == [(f"o-{i:02d}", f"order: {i}\n") for i in range(11)]
+    rest = [name for name, _ in seen[1:]]
+    assert rest == [name for name in offer if name != seen[0][0]], "after the listing: offer order"
 
 
 # --- work types -----------------------------------------------------------------------------------
@@ -452,15 +480,16 @@ def test_a_watch_answered_410_gone_lists_again_and_goes_on(
     The first list is made to answer with resourceVersion 1, a version the server has long
     forgotten, so the real API server answers the watch with 410 (we only play the passing of time)."""
     agent = make_agent()
-    real_list = agent.orders.list
+    real_pages = agent.orders.pages
     versions: list[str] = []
 
-    def forgetful_first(*args: Any, **kwargs: Any) -> tuple[list[dict[str, Any]], str]:
-        bodies, version = real_list(*args, **kwargs)
-        versions.append(version)
-        return bodies, ("1" if len(versions) == 1 else version)
+    def forgetful_first(*args: Any, **kwargs: Any) -> Iterator[Page]:
+        first = not versions
+        for page in real_pages(*args, **kwargs):
+            yield Page(page, "1") if first else page
+        versions.append(page.resource_version)
 
-    agent.orders.list = forgetful_first  # type: ignore[method-assign]
+    agent.orders.pages = forgetful_first  # type: ignore[method-assign]
     caplog.set_level(logging.INFO, logger="workorder_operator.agent")
     with running(agent, echo):
         wait_for(lambda: len(versions) >= 2, timeout=15, what="a second list after the 410")

@@ -60,9 +60,10 @@ def plugin(cluster: Cluster, *args: str) -> str:
     return out.stdout
 
 
-def agents(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
+def agents(cluster: Cluster, namespace: str, *flags: str) -> dict[str, dict[str, Any]]:
     """`kubectl workorder agents -o json`, by agent id."""
-    return {a["id"]: a for a in json.loads(plugin(cluster, "agents", "-n", namespace, "-o", "json"))["agents"]}
+    answer = plugin(cluster, "agents", "-n", namespace, "-o", "json", *flags)
+    return {a["id"]: a for a in json.loads(answer)["agents"]}
 
 
 def agent_run(
@@ -182,6 +183,8 @@ def test_kill_9_of_an_agent_returns_its_claim_within_the_lease_and_only_its_clai
             command = int((tmp_path / "victim.pid").read_text())
             other = wait_for(lambda: phase_is(cluster, namespace, "other", "Claimed"), timeout=30)
             wait_for(lambda: agents(cluster, namespace).get(a_id, {}).get("claims") == 1, timeout=30)
+            paged = agents(cluster, namespace, "--chunk-size", "1")  # the two Claimed orders, a page each
+            assert (paged[a_id]["claims"], paged[bystander.id]["claims"]) == (1, 1)
             time.sleep(2)  # A renews its lease at least once: it is live, not merely announced
             os.killpg(agent_a.pid, signal.SIGKILL)
             killed = time.monotonic()

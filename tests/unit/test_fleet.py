@@ -612,7 +612,7 @@ def test_an_agent_tries_the_orders_it_ranks_first_and_any_that_waited_past_the_s
     # Priority first, always: a higher-priority order of the peer's comes before a lower one of mine.
     urgent = next(pending(i, priority=5) for i in range(100, 200)
                   if fleet.ranked_first(pending(i), [me, peer]) == AGENT_B)  # fmt: skip
-    assert fleet.divide([*orders, urgent], me, [peer], fresh + dt.timedelta(seconds=2), 2)[0] == urgent
+    assert fleet.divide([urgent, *orders], me, [peer], fresh + dt.timedelta(seconds=2), 2)[0] == urgent  # offer order
     # An order back to Pending after a claim waits from its last status change, not its creation.
     i = next(i for i in range(50, 100) if fleet.ranked_first(pending(i), [me, peer]) == AGENT_B)
     b = held(i, AGENT_B, ALICE, at=fresh + dt.timedelta(hours=1))
@@ -648,7 +648,7 @@ def test_within_each_priority_an_agent_takes_its_share_before_the_orders_it_stea
     peer = fleet.parse_lease(lease(AgentIdentity(AGENT_B), types=()))
     theirs, mine, low = share(me, peer, peer, 5), share(me, peer, me, 5), share(me, peer, me, 0, skip=1)
     late = theirs.created_at + dt.timedelta(seconds=2)
-    assert fleet.divide([low, theirs, mine], me, [peer], late, 2) == [mine, theirs, low]
+    assert fleet.divide([theirs, mine, low], me, [peer], late, 2) == [mine, theirs, low]  # from offer order
 
 
 def test_an_agent_is_judged_by_what_it_takes_now_not_by_its_own_lease_among_its_peers() -> None:
