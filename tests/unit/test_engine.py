@@ -395,6 +395,31 @@ def test_a_burst_of_transitions_costs_a_bounded_number_of_events(monkeypatch: py
     run(test)
 
 
+def test_routine_events_have_a_smaller_budget_than_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("workorder_operator.engine.time.monotonic", lambda: now[0])
+
+    async def test() -> None:
+        bodies = [initialised(body(i)) for i in range(200)]
+        h = Harness(bodies)
+        h.engine.lead()
+        claimed_ = [h.store.change(store(b, lc.claim(read(b), A, NOW))) for b in bodies]
+        for b in claimed_[:100]:
+            h.engine.observe("MODIFIED", b)
+        now[0] += 10.0  # 10 s later: Normal events refill at 2 a second
+        for b in claimed_[100:]:
+            h.engine.observe("MODIFIED", b)
+        # The Normal budget spent, Warnings still have theirs: 60 expiries at once.
+        for b in claimed_[:60]:
+            h.engine.observe("MODIFIED", h.store.change(store(b, lc.expire(read(b), NOW + dt.timedelta(hours=2)))))
+        reasons = [r for _, r, _ in h.events()]
+        await h.engine.follow()
+        assert reasons.count("Claim") == 50 + 20, reasons.count("Claim")
+        assert reasons.count("Expire") == 50, reasons.count("Expire")
+
+    run(test)
+
+
 def test_the_engine_keeps_orders_compact_and_writes_on_their_whole_stored_status() -> None:
     async def test() -> None:
         # Two orders with the same spec and content, one claimed with a history of one expiry.
