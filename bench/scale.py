@@ -302,16 +302,7 @@ def agent_chart(d: dict[str, Any]) -> Any:
         ("agent RSS (MB)", [("1st claim", a["rss_at_first_claim_mb"]), ("+10 s", a["rss_later_mb"]),
                             ("peak", a["peak_rss_mb"])], TARGET_AGENT_RSS_MB),
     ]  # fmt: skip
-    fig, axes = new_figure(ncols=len(panels), width=3.6)
-    for ax, (title, bars, target) in zip(axes, panels, strict=True):
-        colors = ["tab:green" if value < target else "tab:red" for _, value in bars]
-        ax.bar([b for b, _ in bars], [v for _, v in bars], color=colors, width=0.6)
-        ax.axhline(target, color="tab:red", linestyle="--", label=f"target < {target:g}")
-        ax.set_ylim(0, max(target, *(v for _, v in bars)) * 1.25)
-        ax.set_title(title)
-        ax.legend(loc="upper right", fontsize=8)
-    axes[0].set_xlabel(f"{d['orders']:,} Pending orders")
-    return fig
+    return bar_panels(panels, f"{d['orders']:,} Pending orders")
 
 
 def so_far(data: dict[str, Any]) -> None:
@@ -607,6 +598,11 @@ def chart(d: dict[str, Any]) -> Any:
         ("agent RSS (MB)", [("1st claim", a["rss_at_first_claim_mb"]), ("+10 s", a["rss_later_mb"])],
          TARGET_AGENT_RSS_MB),
     ]  # fmt: skip
+    return bar_panels(panels, f"{d['orders']:,} orders, {d['claimed']:,} Claimed")
+
+
+def bar_panels(panels: list[tuple[str, list[tuple[str, float]], float]], xlabel: str) -> Any:
+    """One bar chart per (title, [(bar, value)], target): green under the target, red over it."""
     fig, axes = new_figure(ncols=len(panels), width=3.6)
     for ax, (title, bars, target) in zip(axes, panels, strict=True):
         colors = ["tab:green" if value < target else "tab:red" for _, value in bars]
@@ -617,7 +613,7 @@ def chart(d: dict[str, Any]) -> Any:
         ax.set_ylim(0, max(target, *(v for _, v in bars)) * 1.25)
         ax.set_title(title)
         ax.legend(loc="upper right", fontsize=8)
-    axes[0].set_xlabel(f"{d['orders']:,} orders, {d['claimed']:,} Claimed")
+    axes[0].set_xlabel(xlabel)
     return fig
 
 

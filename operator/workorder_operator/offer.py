@@ -11,6 +11,7 @@ what a handler gets, content included.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -92,16 +93,12 @@ def candidate(body: dict[str, Any], takes: Callable[[WorkOrder], bool]) -> Candi
         return None
     facts = Facts.of(order)
     # Many orders share a namespace and a work type: one string each, not one per order.
-    facts = Facts(
-        facts.uid, sys.intern(facts.namespace), sys.intern(facts.work_type), facts.targeting, facts.priority,
-        facts.waiting_since,
-    )  # fmt: skip
-    key = order.key
+    facts = dataclasses.replace(facts, namespace=sys.intern(facts.namespace), work_type=sys.intern(facts.work_type))
     zip_ = zlib.compressobj(1, zdict=DICTIONARY)
     return Candidate(
-        key=key,
+        key=order.key,
         resource_version=order.resource_version,
-        sort_key=(-order.spec.priority, order.created_at, key),
+        sort_key=sort_key(order),
         facts=facts,
         body=zip_.compress(_compact(small)) + zip_.flush(),
     )
