@@ -261,6 +261,30 @@ def label_value(name: str) -> str:
     return f"{name[: NAME_LIMIT - _HASH_LENGTH - 1].rstrip('-.')}-{digest}"
 
 
+# A spoke builds a hub's orders only in namespaces that opted in to that hub: the spoke's admin
+# labels them, so a hub tenant never builds, with that namespace's Secrets, in a spoke namespace
+# that another team owns only because its name is the same.
+HUB_OPT_IN_LABEL = "workorder.dev/builds-for-hub"
+
+
+def hub_label(hub: str) -> str:
+    """The opt-in label's value for a hub's name (a name or an API server URL)."""
+    return label_value(re.sub(r"[^A-Za-z0-9_.-]+", "-", hub).strip("-_.") or "hub")
+
+
+def opted_in(labels: dict[str, str], hub: str) -> bool:
+    return labels.get(HUB_OPT_IN_LABEL) == hub_label(hub)
+
+
+def not_opted_in(namespace: str, hub: str) -> str:
+    value = hub_label(hub)
+    return (
+        f"namespace {namespace!r} of the cluster the builds run in has not opted in to builds for hub {hub!r}: "
+        f"its admin labels it {HUB_OPT_IN_LABEL}={value} "
+        f"(kubectl label namespace {namespace} {HUB_OPT_IN_LABEL}={value}) if this hub's orders may build there"
+    )
+
+
 def buildrun_name(order_name: str, attempt: int) -> str:
     """The BuildRun of one attempt: `<order>-<attempt>`, or, when that is too long or no DNS label,
     a cut-down order name with a hash of the whole name, so it stays unique and fits 63 chars."""
@@ -279,16 +303,47 @@ def buildrun_name(order_name: str, attempt: int) -> str:
     return name
 
 
+# Shipwright's refusals that tell whether an object the Build names exists: a Secret (clone, push,
+# builder) or a volume's Secret or ConfigMap. An order's record is read by everyone who may read
+# orders in the namespace, and `view` does not read Secrets; so the record never repeats them,
+# even to a creator who named the object: only what the order's readers could read anyway.
+UNDISCLOSED_REASONS: frozenset[str] = frozenset(
+    {
+        "SpecSourceSecretRefNotFound",
+        "SpecOutputSecretRefNotFound",
+        "SpecBuilderSecretRefNotFound",
+        "MultipleSecretRefNotFound",
+        "VolumeDoesNotExist",
+    }
+)
+WITHHELD = "ReferenceRefused"
+
+
 def registration(build: dict[str, Any]) -> tuple[bool | None, str]:
     """Whether Shipwright accepted a Build (status.registered): None until it has looked; on refusal,
-    "reason: message"."""
+    "reason: message" (withheld when it would tell whether a Secret or ConfigMap exists)."""
     status = build.get("status") or {}
     registered = status.get("registered")
     if registered == "True":
         return True, ""
     if registered == "False":
-        return False, _reason_message(status.get("reason"), status.get("message"), "Build registration failed")
+        reason, message = status.get("reason"), status.get("message")
+        if reason in UNDISCLOSED_REASONS:
+            meta = build.get("metadata") or {}
+            reason, message = WITHHELD, withheld_message("builds", meta.get("name"), meta.get("namespace"))
+        return False, _reason_message(reason, message, "Build registration failed")
     return None, ""
+
+
+def withheld_message(resource: str, name: Any, namespace: Any) -> str:
+    """What the record says instead of Shipwright's message, and where to read that message."""
+    return (
+        f"Shipwright refused an object the {resource[:-1]} references (a Secret, or a volume's Secret or "
+        "ConfigMap); its message is not repeated here because it tells whether such an object exists, "
+        "which not everyone who reads this order may know. With the right to read "
+        f"{resource}.shipwright.io: kubectl get {resource}.shipwright.io {name} -n {namespace} "
+        "-o jsonpath='{.status}'"
+    )
 
 
 @dataclass(frozen=True)
@@ -404,6 +459,10 @@ def buildrun_outcome(buildrun: dict[str, Any]) -> RunOutcome:
     details = status.get("failureDetails")
     details = details if isinstance(details, dict) else {}
     error = _reason_message(details.get("reason") or reason, details.get("message") or message)
+    if reason == "BuildRegistrationFailed" and any(r in message for r in UNDISCLOSED_REASONS):
+        # The BuildRun repeats its Build's refusal (see `registration`).
+        meta = buildrun.get("metadata") or {}
+        error = _reason_message(reason, withheld_message("buildruns", meta.get("name"), meta.get("namespace")))
     # Classify by the Succeeded condition's reason, not failureDetails.reason: the condition's
     # reason is Shipwright's fixed vocabulary for the run as a whole, while failureDetails.reason is
     # a step-level detail any strategy may set. Reasons we do not know are retried: maxRetries

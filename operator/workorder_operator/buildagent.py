@@ -107,6 +107,7 @@ class BuildExecutor:
         if (spoke is None) != (hub is None):
             raise ValueError("a spoke cluster needs the hub's name, and only a spoke does")
         self.shipwright = Shipwright(spoke or api, field_manager, Ownership(hub))
+        self.hub = hub
         # Without a running Shipwright controller nothing registers a Build: do not hold a claim forever.
         self.registration_timeout = registration_timeout
         # Nor for a BuildRun nothing starts (no Tekton, no ServiceAccount, a stuck Shipwright).
@@ -180,6 +181,8 @@ class BuildExecutor:
             plan = build.parse_content(order.spec.yaml_content, order.namespace)
         except build.ContentError as exc:
             raise self._refused(order, str(exc)) from exc
+        if self.hub is not None:
+            self._check_opted_in(order.namespace, self.hub)
         for doc in plan.builds:
             try:
                 self.shipwright.apply_build(order, doc)
@@ -223,6 +226,22 @@ class BuildExecutor:
         if outcome.succeeded:
             return outcome.result
         raise Failure(f"BuildRun {name}: {outcome.error}", retryable=outcome.retryable)
+
+    def _check_opted_in(self, namespace: str, hub: str) -> None:
+        """A spoke builds only in namespaces its admin opened to this hub (`build.HUB_OPT_IN_LABEL`).
+        Retryable: labelling the namespace is the spoke admin's to do, and maxRetries bounds the wait."""
+        try:
+            labels = self.shipwright.namespace_labels(namespace)
+        except Refused as exc:
+            raise Failure(
+                f"the build agent may not read namespace {namespace!r} of the cluster the builds run in "
+                f"(get namespaces, deploy/agent/rbac.yaml): {exc}",
+                retryable=True,
+            ) from None
+        if labels is None:
+            raise Failure(f"namespace {namespace!r} does not exist in the cluster the builds run in", retryable=True)
+        if not build.opted_in(labels, hub):
+            raise Failure(build.not_opted_in(namespace, hub), retryable=True)
 
     def _wait_registered(self, claim: Claim, build_name: str, stopped: Callable[[], bool]) -> None:
         namespace = claim.order.namespace

@@ -38,6 +38,7 @@ from workorder_operator.model import PLURAL, Phase, WorkOrder, format_time, orde
 from workorder_operator.presence import PresenceLeases
 from workorder_operator.seed import seed_view
 from workorder_operator.targeting import check_agent_id
+from workorder_operator.terminal import escape
 
 EXIT_CODES = {
     "error": 1,
@@ -209,9 +210,15 @@ def table(orders: Sequence[WorkOrder], wide: bool, all_namespaces: bool, header_
         if all_namespaces:
             row.insert(0, o.namespace)
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines if header_row else lines[1:])
+    return columns(rows if header_row else rows[1:])
+
+
+def columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as kubectl prints them: aligned columns, three spaces apart. Every cell came from an
+    order or an agent, so it is escaped first: one cell, one line, nothing a terminal acts on."""
+    cells = [[escape(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))] if cells else []
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
 
 def emit(orders: list[dict[str, Any]], args: argparse.Namespace, single: bool, header: bool = True) -> None:
@@ -327,8 +334,7 @@ def cmd_history(s: Session, args: argparse.Namespace) -> int:
                 "",
             ]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print("\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
+    print(columns(rows))
     return 0
 
 
@@ -352,7 +358,8 @@ def cmd_agents(s: Session, args: argparse.Namespace) -> int:
             agents.append(fleet.parse_lease(body))
         except ValueError as exc:
             meta = body.get("metadata", {})
-            print(f"warning: presence lease {meta.get('namespace')}/{meta.get('name')}: {exc}", file=sys.stderr)
+            warning = f"warning: presence lease {meta.get('namespace')}/{meta.get('name')}: {exc}"
+            print(escape(warning), file=sys.stderr)
     # Claims held, by (agent id, namespace): read page by page, nothing parsed (there may be many).
     held: Counter[tuple[str, str]] = Counter()
     for page in s.orders.pages(scope, f"status.phase={Phase.CLAIMED}", args.chunk_size):
@@ -394,8 +401,7 @@ def cmd_agents(s: Session, args: argparse.Namespace) -> int:
             notes = ",".join(f"{k}={v}" for k, v in sorted(r["annotations"].items())) or "<none>"
             row += [r["user"] or "<unknown>", ",".join(r["namespaces"]) or "*", f"{r['leaseDurationSeconds']}s", notes]
         table_rows.append(([r["namespace"]] if scope is None else []) + row)
-    widths = [max(len(r[i]) for r in table_rows) for i in range(len(table_rows[0]))]
-    print("\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table_rows))
+    print(columns(table_rows))
     return 0
 
 
@@ -535,7 +541,7 @@ class CommandRunner:
 
     def _say(self, line: str) -> None:
         with self._print:
-            print(line, file=sys.stderr, flush=True)
+            print(escape(line), file=sys.stderr, flush=True)
 
     def _run(self, claim: Claim) -> str | None:
         """The command's result (the last line of its output); None when released on shutdown;
@@ -810,7 +816,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def fail(error: CliError) -> NoReturn:
-    print(f"error: {error}", file=sys.stderr)
+    # An API server's message may quote what a tenant wrote (a work type, an agent's error).
+    print(escape(f"error: {error}", keep_lines=True), file=sys.stderr)
     sys.exit(error.code)
 
 

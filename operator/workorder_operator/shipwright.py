@@ -165,6 +165,15 @@ class Shipwright:
             return None
         return created
 
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        """The labels of a namespace of the builds' cluster; None when it does not exist."""
+        try:
+            with translated():
+                ns = client.CoreV1Api(self.api).read_namespace(namespace, _request_timeout=timeout())
+        except NotFound:
+            return None
+        return dict(ns.metadata.labels or {})
+
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             with translated():

@@ -15,9 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes import config
+from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import Cluster
-from tests.support import Agent, create_order, wait_for
+from tests.support import Agent, bind_rules, create_order, wait_for
+from workorder_operator import fleet
+from workorder_operator.errors import WorkOrderError
+from workorder_operator.model import WorkOrder, utcnow
+from workorder_operator.presence import PresenceLeases
+from workorder_operator.targeting import AgentIdentity
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl-workorder") is None, reason="plugin not on PATH (make test)")
 
@@ -225,7 +232,6 @@ def test_errors_are_one_actionable_line(cluster: Cluster, namespace: str, tmp_pa
 
 
 def test_error_for_a_missing_crd_names_the_fix() -> None:
-    from kubernetes.client.exceptions import ApiException
 
     from workorder_operator.cli import explain
 
@@ -428,3 +434,83 @@ def test_agent_run_all_namespaces(cluster: Cluster, namespace: str, other_namesp
             wait_for(lambda n=ns: a.read(n, "here").status.phase == "Completed", timeout=20, what=ns)  # type: ignore[misc]
     finally:
         stop_agent(proc)
+
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\rfake line\u202egnp.exe\u200b\x9b"
+ESCAPED = "^[]0;owned\\x07^[[2J\\rfake line\\u202egnp.exe\\u200b\\x9b"
+
+
+def test_what_agents_wrote_is_printed_escaped_never_interpreted(cluster: Cluster, namespace: str) -> None:
+    """A least-privileged agent (a client certificate with the agent's rights in one namespace)
+    writes terminal control sequences into an order's record and its presence lease; every
+    command prints them visibly, as kubectl escapes ESC and CR, and nothing invisible survives."""
+    agent_rules = [
+        {"apiGroups": ["workorder.dev"], "resources": ["workorders"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["workorder.dev"], "resources": ["workorders/status"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
+    ]
+    bind_rules(cluster.api, namespace, "hostile-agent", agent_rules)
+    api = config.new_client_from_config(str(cluster.user_kubeconfig("hostile-agent")))
+    create_order(cluster.api, namespace, "victim", maxRetries=1)
+    agent = Agent(api, AGENT_ID)
+    order = wait_for(lambda: _readable(agent, namespace, "victim"), timeout=20, what="the agent's rights")
+    agent.fail(agent.claim(order), HOSTILE)
+    identity = AgentIdentity(AGENT_ID, labels=(HOSTILE[:60],))
+    lease = fleet.lease_body(identity, work_types=["test"], user="hostile-agent", namespaces=[], duration=30,
+                             now=utcnow(), acquired=True)  # fmt: skip
+    PresenceLeases(api, "hostile").put(namespace, lease)
+
+    shown = {
+        "history": ok(kubectl(cluster, "history", "victim", "-n", namespace)),
+        "list": ok(kubectl(cluster, "list", "-n", namespace, "-o", "wide")),
+        "agents": ok(kubectl(cluster, "agents", "-n", namespace, "-o", "wide")),
+    }
+    for command, out in shown.items():
+        invisible = [c for c in out if not (c.isprintable() or c == "\n")]
+        assert not invisible, f"{command} printed {invisible!r} raw:\n{out!r}"
+    assert ESCAPED[:60] in shown["history"].splitlines()[1], shown["history"]
+    assert ESCAPED[:40] in shown["agents"], shown["agents"]
+    # -o json and -o yaml escape by their own rules and keep the bytes exactly.
+    body = json.loads(ok(kubectl(cluster, "get", "victim", "-n", namespace, "-o", "json")))
+    assert body["status"]["lastError"] == HOSTILE
+    assert "\x1b" not in ok(kubectl(cluster, "get", "victim", "-n", namespace, "-o", "yaml"))
+
+
+def _readable(agent: Agent, namespace: str, name: str) -> WorkOrder | None:
+    try:
+        return agent.read(namespace, name)
+    except Exception:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("field", "spec", "words"),
+    [
+        ("spec.workType", {"workType": "build\x1b[2J"}, ("spec.workType", "should match")),
+        ("spec.workType", {"workType": "build\u200b"}, ("spec.workType", "should match")),
+        ("spec.targeting.labels", {"targeting": {"labels": ["gpu\x07"]}}, ("spec.targeting.labels[0]",)),
+        ("spec.targeting.annotations", {"targeting": {"annotations": {"zone": "a\u202eb"}}},
+         ("spec.targeting.annotations.zone",)),
+        ("spec.targeting.annotations", {"targeting": {"annotations": {"z\x1bone": "a"}}},
+         ("spec.targeting.annotations", "printable ASCII")),
+    ],
+)  # fmt: skip
+def test_work_types_labels_and_annotations_are_printable(
+    cluster: Cluster, namespace: str, field: str, spec: dict[str, object], words: tuple[str, ...]
+) -> None:
+    """The CRD admits only what every tool prints as it is; the refusal names the field. Sent
+    by a tenant who may only create orders."""
+    bind_rules(cluster.api, namespace, "creator", [
+        {"apiGroups": ["workorder.dev"], "resources": ["workorders"], "verbs": ["create", "get"]},
+    ])  # fmt: skip
+    api = config.new_client_from_config(str(cluster.user_kubeconfig("creator")))
+
+    def refusal() -> str | None:
+        try:
+            create_order(api, namespace, "hostile", **spec)
+        except WorkOrderError as exc:
+            return None if exc.status == 403 else str(exc)
+        raise AssertionError(f"{field}: {spec!r} was admitted")
+
+    message = wait_for(refusal, timeout=20, what="the creator's rights")
+    assert all(w in message for w in words), message

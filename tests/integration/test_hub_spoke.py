@@ -30,6 +30,7 @@ from devcluster import envtest
 from tests.conftest import Cluster
 from tests.support import REPO, OperatorProcess, admission_policies, bind_rules, create_order, wait_for
 from tests.tekton import KANIKO_BUILD, Tekton, shipwright_object
+from workorder_operator.build import HUB_OPT_IN_LABEL, hub_label
 from workorder_operator.kube import WorkOrders
 from workorder_operator.model import WorkOrder
 from workorder_operator.shipwright import BUILDRUNS, BUILDS, GROUP, HUB_ANNOTATION, ORDER_UID_LABEL, VERSION
@@ -111,9 +112,10 @@ def rules(path: Path, name: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def spoke_namespace(spoke: Spoke, namespace: str) -> Iterator[str]:
-    """The test's namespace in the spoke too (builds run in the namespace of the order's name)."""
+    """The test's namespace in the spoke too (builds run in the namespace of the order's name),
+    opened to this hub's builds by the spoke's admin."""
     core = client.CoreV1Api(spoke.api)
-    core.create_namespace({"metadata": {"name": namespace}})
+    core.create_namespace({"metadata": {"name": namespace, "labels": {HUB_OPT_IN_LABEL: hub_label(HUB_NAME)}}})
     try:
         yield namespace
     finally:
@@ -281,3 +283,25 @@ def test_without_the_namespace_in_the_spoke_the_order_says_so(
 
     order = wait_for(failed, 60, what="nowhere Failed in the hub")
     assert f"namespace {namespace!r} does not exist in the cluster the builds run in" in (order.status.last_error or "")
+
+
+@pytest.mark.parametrize("labels", [{}, {HUB_OPT_IN_LABEL: "another-hub"}], ids=["no-label", "another-hub"])
+def test_a_spoke_namespace_that_did_not_opt_in_to_the_hub_builds_nothing(
+    cluster: Cluster, spoke: Spoke, namespace: str, build_agent: OperatorProcess, labels: dict[str, str]
+) -> None:
+    """Another team owns the namespace of that name in the spoke: the hub tenant's order builds
+    nothing there (no Build, no BuildRun, none of its Secrets used) and says what the spoke's
+    admin would do to open it."""
+    core = client.CoreV1Api(spoke.api)
+    core.patch_namespace(namespace, {"metadata": {"labels": {HUB_OPT_IN_LABEL: labels.get(HUB_OPT_IN_LABEL)}}})
+    create_order(cluster.api, namespace, "closed", workType="build", maxRetries=0,
+                 yamlContent=KANIKO_BUILD.format(name="closed-app"), targeting={"labels": [SPOKE_LABEL]})  # fmt: skip
+
+    def failed() -> WorkOrder | None:
+        order = order_of(cluster, namespace, "closed")
+        return order if order.status.phase == "Failed" else None
+
+    error = wait_for(failed, 60, what="closed Failed in the hub").status.last_error or ""
+    assert f"namespace {namespace!r} of the cluster the builds run in has not opted in" in error, error
+    assert f"kubectl label namespace {namespace} {HUB_OPT_IN_LABEL}={HUB_NAME}" in error, error
+    assert names(spoke.api, namespace, BUILDS) == set() and names(spoke.api, namespace, BUILDRUNS) == set()

@@ -232,6 +232,30 @@ def test_two_orders_with_one_build_name_do_not_clash(
     assert wait_for(lambda: phase(cluster, namespace, "first", "Completed"), timeout=30).status.result == DIGEST
 
 
+def test_a_build_order_never_tells_its_readers_whether_a_secret_exists(
+    cluster: Cluster, namespace: str, creator: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """The creator may create Builds and BuildRuns but not read Secrets; the Build names a push
+    Secret that does not exist. Shipwright refuses it saying so; the order's record and events
+    (read by everyone who may read orders) say only that a reference was refused, and where
+    someone who may read Builds finds Shipwright's message."""
+    cluster.need_shipwright()
+    assert not can(creator, "get", "secrets", namespace, group="")
+    content = KANIKO_BUILD.format(name="pushes").replace(
+        "  output:\n", "  output:\n    pushSecret: team-registry-creds\n"
+    )
+    create_as(creator, namespace, build_body("probe", content))
+    failed = wait_for(lambda: phase(cluster, namespace, "probe", "Failed"), timeout=60, what="the refused build")
+    told = [failed.status.result or "", failed.status.last_error or ""]
+    told += [e.message or "" for e in client.CoreV1Api(cluster.api).list_namespaced_event(namespace).items]
+    for text in told:
+        assert "team-registry-creds" not in text and "SecretRef" not in text and "not found" not in text, text
+    assert "ReferenceRefused" in told[0] and f"kubectl get builds.shipwright.io pushes -n {namespace}" in told[0]
+    # Shipwright's own message is where its own RBAC guards it: in the Build's status.
+    registered = shipwright_object(cluster.api, namespace, BUILDS, "pushes") or {}
+    assert "team-registry-creds" in (registered.get("status") or {}).get("message", "")
+
+
 # --- 3. only its own BuildRun -------------------------------------------------------------------
 
 

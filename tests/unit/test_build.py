@@ -16,6 +16,7 @@ from workorder_operator.build import (
     PERMANENT_REASONS,
     RETRYABLE_REASONS,
     SHIPWRIGHT_API_VERSION,
+    UNDISCLOSED_REASONS,
     BuildPlan,
     ContentError,
     RunOutcome,
@@ -549,6 +550,32 @@ def test_registration_refused_with_only_a_reason() -> None:
         False,
         "BuildNameInvalid",
     )
+
+
+@pytest.mark.parametrize("reason", sorted(UNDISCLOSED_REASONS))
+def test_a_refusal_that_tells_whether_a_secret_exists_is_not_repeated(reason: str) -> None:
+    build = {
+        "metadata": {"name": "app", "namespace": "team-a"},
+        "status": {"registered": "False", "reason": reason, "message": "referenced secret push-creds not found"},
+    }
+    ok, why = registration(build)
+    assert ok is False
+    assert "push-creds" not in why and reason not in why and "not found" not in why
+    assert why.startswith("ReferenceRefused: ") and "kubectl get builds.shipwright.io app -n team-a" in why
+
+
+def test_a_buildrun_repeating_such_a_refusal_is_withheld_too() -> None:
+    message = "the Build is not registered correctly, build: app, registered status: False, reason: " + (
+        "SpecOutputSecretRefNotFound, message: referenced secret push-creds not found"
+    )
+    failed = buildrun({"conditions": [{"type": "Succeeded", "status": "False", "reason": "BuildRegistrationFailed",
+                                        "message": message}]})  # fmt: skip
+    outcome = buildrun_outcome(failed)
+    assert outcome.finished and not outcome.retryable
+    assert "push-creds" not in outcome.error and outcome.error.startswith("BuildRegistrationFailed: Shipwright refused")
+    other = buildrun({"conditions": [{"type": "Succeeded", "status": "False", "reason": "BuildRegistrationFailed",
+                                      "message": "reason: BuildStrategyNotFound, message: kaniko"}]})  # fmt: skip
+    assert "kaniko" in buildrun_outcome(other).error
 
 
 # --- buildrun_outcome ------------------------------------------------------------------------

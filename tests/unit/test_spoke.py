@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from workorder_operator import standalone
+from workorder_operator import build, standalone
 from workorder_operator.buildagent import BuildExecutor
 from workorder_operator.errors import WorkOrderError
 from workorder_operator.kube import ApiClient
@@ -153,3 +153,14 @@ def test_the_command_line_of_a_spoke_agent() -> None:
     assert args.hub_kubeconfig == "hub.kubeconfig"
     assert args.label == ["cluster=eu-1"] and args.annotation == {"zone": "a=b"}
     assert args.namespace == ["team-a", "team-b"] and args.cleanup_interval == 60.0
+
+
+def test_a_spoke_namespace_opts_in_to_one_hub_by_a_label() -> None:
+    assert build.hub_label("hub-a") == "hub-a"
+    assert build.hub_label("https://10.0.0.1:6443") == "https-10.0.0.1-6443"  # a URL, the default name
+    assert len(build.hub_label("h" * 300)) <= 63
+    assert build.opted_in({build.HUB_OPT_IN_LABEL: "hub-a"}, "hub-a")
+    assert not build.opted_in({build.HUB_OPT_IN_LABEL: "hub-b"}, "hub-a")
+    assert not build.opted_in({}, "hub-a")
+    told = build.not_opted_in("team-a", "https://10.0.0.1:6443")
+    assert "kubectl label namespace team-a workorder.dev/builds-for-hub=https-10.0.0.1-6443" in told
