@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import Cluster
-from tests.support import create_order
+from tests.support import admission_policies, create_order, refused_by, wait_for
+from workorder_operator import fleet
+from workorder_operator.model import utcnow
+from workorder_operator.targeting import AgentIdentity
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (with kustomize) on PATH")
 
@@ -245,6 +249,7 @@ def test_rbac_is_exactly_least_privilege(rendered: list[dict[str, Any]]) -> None
         (G, "workorders"): read,
         (G, "workorders/status"): {"get", "patch"},
         ("coordination.k8s.io", "leases"): read | {"create", "patch", "delete"},
+        (G, "presences"): {"announce"},
     }
     edit = find(rendered, "ClusterRole", "workorder-edit")
     assert rule_set(edit) == {
@@ -279,7 +284,8 @@ def test_spoke_build_agent_rbac_is_exactly_least_privilege() -> None:
     # delete: no owner reference reaches the hub's order, so the agent itself deletes orphans.
     verbs = {"get", "list", "watch", "create", "patch", "delete"}
     role = find(spoke, "ClusterRole", "workorder-build-agent")
-    assert rule_set(role) == {(SW, "builds"): verbs, (SW, "buildruns"): verbs}
+    # get namespaces: it builds only where the namespace opted in to its hub (a label).
+    assert rule_set(role) == {(SW, "builds"): verbs, (SW, "buildruns"): verbs, ("", "namespaces"): {"get"}}
     binding = find(spoke, "ClusterRoleBinding", "workorder-build-agent")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "workorder-build-agent", "namespace": SYSTEM_NS}]
     assert {o["kind"] for o in spoke if o["kind"].endswith("Role")} == {"ClusterRole"}
@@ -514,6 +520,87 @@ def test_agent_role(cluster: Cluster, installed: None, namespace: str) -> None:
     # Bound in one namespace: nothing elsewhere.
     forbidden(objs.list_cluster_custom_object, G, V, P)
     forbidden(objs.list_namespaced_custom_object, G, V, "default", P)
+
+
+def _lease(name: str, **labels: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": labels}, "spec": {"holderIdentity": "someone",
+                                                                   "leaseDurationSeconds": 15}}  # fmt: skip
+
+
+@pytest.mark.parametrize("scope", ["namespace", "cluster"])
+def test_an_agent_writes_no_lease_but_its_presence(
+    cluster: Cluster, installed: None, namespace: str, scope: str
+) -> None:
+    """The agent role's Lease rights reach presence Leases only (policy workorder-agent-leases):
+    bound in one namespace or cluster-wide (as -A and spoke agents are), an agent can neither take
+    the operator's leader Lease nor write a controller's or a node's, nor dress a Lease of its own
+    up as one; its own presence still works."""
+    user = f"agent-{scope}-{uuid.uuid4().hex[:6]}"
+    admin = client.CoordinationV1Api(cluster.api)
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    # The Leases an agent must not touch (made here, so a broken policy spoils nothing real): the
+    # operator's leader Lease in its own namespace, and, for a cluster-wide agent, a controller's
+    # in kube-system and a node's in kube-node-lease.
+    victims = [(namespace, "workorder-operator")]
+    if scope == "cluster":
+        victims += [(SYSTEM_NS, f"workorder-operator-{user}"), ("kube-system", f"controller-{user}"),
+                    ("kube-node-lease", f"node-{user}")]  # fmt: skip
+    binding = f"{user}-workorder-agent"
+    try:
+        for ns, name in victims:
+            admin.create_namespaced_lease(ns, _lease(name))
+        if scope == "cluster":
+            rbac.create_cluster_role_binding({
+                "metadata": {"name": binding},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "workorder-agent"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            })  # fmt: skip
+        else:
+            bind(cluster, namespace, "workorder-agent", user)
+        api = as_user(cluster, user)
+        wait_allowed(api, "announce", "presences", namespace)
+        leases = client.CoordinationV1Api(api)
+        with admission_policies(cluster.kubeconfig, DEPLOY / "base" / "admission.yaml"):
+
+            def enforced() -> bool:
+                try:
+                    leases.create_namespaced_lease(namespace, _lease("probe"))
+                except ApiException as exc:
+                    return exc.status == 403 and "workorder-agent-leases" in (exc.body or "")
+                leases.delete_namespaced_lease("probe", namespace)
+                return False
+
+            wait_for(enforced, timeout=30, interval=0.5, what="the lease policy to be enforced")
+            words = ("workorder-agent-leases", "writes only presence Leases")
+            take = {"spec": {"holderIdentity": user, "leaseDurationSeconds": 3600}}
+            # Labelled as presence it would also fall to workorder-agent-presence: either refusal will do.
+            dressed = {"metadata": {"labels": {fleet.PRESENCE_LABEL: fleet.PRESENCE_VALUE}}}
+            for ns, name in victims:
+                refused_by(partial(leases.patch_namespaced_lease, name, ns, take), *words, f"Lease {ns}/{name}")
+                refused_by(partial(leases.patch_namespaced_lease, name, ns, dressed), "workorder-agent-")
+                refused_by(partial(leases.delete_namespaced_lease, name, ns), *words)
+                assert admin.read_namespaced_lease(name, ns).spec.holder_identity == "someone"
+            # Nor a Lease of its own that is not a presence, nor one labelled as presence under a
+            # name that is no agent's (the leader Lease's, before the operator made it).
+            refused_by(lambda: leases.create_namespaced_lease(namespace, _lease("mine")), *words)
+            squat = _lease("workorder-operator-2", **{fleet.PRESENCE_LABEL: fleet.PRESENCE_VALUE})
+            refused_by(lambda: leases.create_namespaced_lease(namespace, squat), *words)
+            # Its own presence: announce, renew, withdraw.
+            me = AgentIdentity(str(uuid.uuid4()))
+            body = fleet.lease_body(me, work_types=["test"], user=user, namespaces=[namespace], duration=30,
+                                    now=utcnow(), acquired=True)  # fmt: skip
+            leases.create_namespaced_lease(namespace, body)
+            leases.patch_namespaced_lease(fleet.lease_name(me.id), namespace, {"spec": {"leaseDurationSeconds": 20}})
+            leases.delete_namespaced_lease(fleet.lease_name(me.id), namespace)
+        if scope == "namespace":  # and nothing at all beyond its namespace
+            forbidden(leases.create_namespaced_lease, "kube-system", _lease("mine"))
+    finally:
+        for ns, name in victims:
+            with contextlib.suppress(ApiException):
+                admin.delete_namespaced_lease(name, ns)
+        if scope == "cluster":
+            with contextlib.suppress(ApiException):
+                rbac.delete_cluster_role_binding(binding)
 
 
 def test_view_role(cluster: Cluster, installed: None, namespace: str) -> None:

@@ -297,6 +297,7 @@ PRESENCE_RULES = [
         "resources": ["leases"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
+    {"apiGroups": ["workorder.dev"], "resources": ["presences"], "verbs": ["announce"]},
 ]
 
 
@@ -355,6 +356,8 @@ def test_an_agent_cannot_forge_renew_or_delete_another_agents_presence(
         wait_for(enforced, timeout=30, interval=0.5, what="the presence policy to be enforced")
         create_order(cluster.api, namespace, "alices", workType="report", claimTimeoutSeconds=3600)
         create_order(cluster.api, namespace, "bobs", workType="report", claimTimeoutSeconds=3600)
+        # Another agent's lease name (the policy workorder-agent-leases admits no other kind of name).
+        forged = fleet.lease_name(str(uuid.uuid4()))
         with alice.present():
             name = fleet.lease_name(alice.id)
             refused(lambda: leases.delete_namespaced_custom_object(*args, name), "belongs to alice, not to bob")
@@ -363,11 +366,11 @@ def test_an_agent_cannot_forge_renew_or_delete_another_agents_presence(
                     "(bob), not alice")  # fmt: skip
             takeover = {"metadata": {"annotations": {fleet.USER: "bob"}}, "spec": {"leaseDurationSeconds": 1}}
             refused(lambda: leases.patch_namespaced_custom_object(*args, name, takeover), "belongs to alice")
-            refused(lambda: leases.create_namespaced_custom_object(*args, bob_lease(alice.id, "alice", name="x")),
+            refused(lambda: leases.create_namespaced_custom_object(*args, bob_lease(alice.id, "alice", name=forged)),
                     "records the identity that announces it (bob), not alice")  # fmt: skip
             # Bob announces himself, truthfully, under alice's agent id (another lease name), and
             # claims an order as that agent id; alice claims hers.
-            leases.create_namespaced_custom_object(*args, bob_lease(alice.id, "bob", name="forged"))
+            leases.create_namespaced_custom_object(*args, bob_lease(alice.id, "bob", name=forged))
             claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "alices")))
             assert claim is not None
             bob_as_alice = Agent(bob_api, alice.id, namespace=namespace, work_types=["report"])
@@ -377,7 +380,7 @@ def test_an_agent_cannot_forge_renew_or_delete_another_agents_presence(
             wait_for(lambda: phase_is(cluster, namespace, "bobs", "Pending"), timeout=30, what="bob's claim to expire")
             assert read(cluster, namespace, "alices").status.phase == "Claimed"
             # Deleting his own lease is his right.
-            leases.delete_namespaced_custom_object(*args, "forged")
+            leases.delete_namespaced_custom_object(*args, forged)
             claim.release()
         # Alice's clean stop withdrew her own lease (her identity may).
         with pytest.raises(API_ERRORS):
