@@ -157,7 +157,7 @@ class Operator:
         self.log_path = cluster.directory / "operator.log"
         args = [
             sys.executable, "-m", "workorder_operator.main", "--kubeconfig", cluster.kubeconfig,
-            "--no-leader-election", "--no-build-agent", "--metrics-port", str(self.port),
+            "--no-leader-election", "--no-build-agent", "--metrics-port", str(self.port), "--metrics-insecure",
         ]  # fmt: skip
         args += [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
         if concurrency is not None:

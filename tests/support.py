@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,13 +51,23 @@ def wait_for(check: Callable[[], T | None], timeout: float = 30.0, interval: flo
         time.sleep(interval)
 
 
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    """GET an operator's metrics (or health) endpoint: status code and body."""
+def scrape(port: int, path: str = "/metrics", *, tls: bool = False, token: str | None = None) -> tuple[int, str]:
+    """GET an operator's metrics (or health) endpoint: status code and body. Plain HTTP (an
+    operator run with --metrics-insecure) unless `tls` (the secure default: its certificate is
+    self-signed, so it is not verified); `token`: sent as a bearer token."""
+    request = urllib.request.Request(f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = None
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5, context=context) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, ""
+        return exc.code, exc.read().decode(errors="replace")
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -124,6 +135,29 @@ def bind_rules(api: client.ApiClient, namespace: str, user: str, rules: list[dic
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
     })  # fmt: skip
+
+
+def wait_allowed(api: client.ApiClient, verb: str, resource: str, namespace: str, group: str = "workorder.dev") -> None:
+    """RBAC changes reach the authorizer through an informer: wait until one grant is visible."""
+    review = {"spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource,
+                                               "namespace": namespace}}}  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not client.AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed:
+        assert time.monotonic() < deadline, f"{verb} {resource} in {namespace} never became allowed"
+        time.sleep(0.1)
+
+
+def bind(api: client.ApiClient, namespace: str, clusterrole: str, user: str) -> None:
+    """A RoleBinding of `clusterrole` to `user` in `namespace` (goes away with it): no cluster-scoped
+    leftovers."""
+    client.RbacAuthorizationV1Api(api).create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": f"{user}-{clusterrole}"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": clusterrole},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        },
+    )
 
 
 def create_order(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> dict[str, Any]:

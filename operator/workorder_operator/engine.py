@@ -141,12 +141,14 @@ class Engine:
         presence_grace: float = fleet.GRACE_SECONDS,
         unschedulable_grace: float = 30.0,
         scheduling_writes: int = 50,
+        types: metrics.TypeLabels = metrics.TYPES,
     ) -> None:
         """`executors`: the work types the operator runs itself, whose content is checked at
         initialise. `budget`: seconds left in which a write must be over (the leader's lease),
         None for no limit. `namespaces`: the ones watched (empty: all), for `resync`.
         `presence_grace`: beyond a presence lease's term, before its agent counts as lost.
-        `unschedulable_grace`, `scheduling_writes`: see `scheduling_pass` (grace 0: off)."""
+        `unschedulable_grace`, `scheduling_writes`: see `scheduling_pass` (grace 0: off).
+        `types`: the metrics' type labels, told of every order tracked and forgotten."""
         self.orders = orders
         self.presence_grace = presence_grace
         self.unschedulable_grace = unschedulable_grace
@@ -185,6 +187,7 @@ class Engine:
         # Content the operator itself cannot run: a reason to fail the order at initialisation.
         self._executors = executors
         self._tracked: dict[str, _Tracked] = {}
+        self._types = types
         # Compacted specs, shared by the tracked orders that have an equal one (`_compact`).
         self._specs: dict[str, Spec] = {}
         # Orders whose content is being (or was) checked for rejection, so each is parsed once.
@@ -215,22 +218,23 @@ class Engine:
             # The API server validates orders, so this is an object we cannot read: skip it, loudly.
             log.error("workorder %s/%s: unreadable (%s); ignoring it", *_name(body), exc)
             return
-        tracked = self._tracked.get(uid)
-        if tracked is not None and _rv(order) < _rv(tracked.order):
+        previous = self._tracked.get(uid)
+        if previous is not None and _rv(order) < _rv(previous.order):
             return  # an older version than one we already hold (our own write's answer came first)
+        # Tracked first, so its work type is live in the metrics' type labels when it is counted.
+        tracked = self._track(order, previous, previous.rejection if previous else None)
         if self.counting:
-            before = tracked.order if tracked is not None else None
+            before = previous.order if previous is not None else None
             if before is None and event_type == "ADDED":
                 # A new order whose first sight is already past Pending (an agent was faster than
                 # our watch): count from the state every order is born in.
                 before = order.model_copy(update={"status": Status(phase=Phase.PENDING), "raw_status": {}})
             if before is not None:
-                metrics.record_change(before, order)
+                metrics.record_change(before, order, self._types)
                 # Every status change passes here, whoever wrote it (agents, admins, our own
                 # writes), so the leader tells each order's whole story in Events, once.
                 for note in lifecycle.story(before, order):
                     self.event(order, note.type, note.reason, note.message)
-        tracked = self._track(order, tracked, tracked.rejection if tracked else None)
         if (
             self._executors is not None
             and lifecycle.needs_initialise(order)
@@ -270,7 +274,9 @@ class Engine:
         return (t.order for t in list(self._tracked.values()))
 
     def forget(self, uid: str) -> None:
-        self._tracked.pop(uid, None)
+        gone = self._tracked.pop(uid, None)
+        if gone is not None:
+            self._types.gone(gone.order.spec.work_type)
         self._checking.discard(uid)
         self._unmatched.pop(uid, None)
         self._to_judge.discard(uid)
@@ -498,6 +504,8 @@ class Engine:
                     extra=order.logref,
                 )
         tracked = _Tracked(_compact(order, self._specs), first_seen, sign, seen_at, rejection)
+        if order.uid not in self._tracked:
+            self._types.seen(order.spec.work_type)
         self._tracked[order.uid] = tracked
         self._to_judge.add(order.uid)
         if not lifecycle.needs_initialise(order):

@@ -19,7 +19,7 @@ from aiohttp import web
 from workorder_operator import metrics
 from workorder_operator.engine import Engine, OrderFeed, PresenceFeed
 from workorder_operator.executor import Executors
-from workorder_operator.kube import OPERATOR_MANAGER, WorkOrders, api_client, post_event
+from workorder_operator.kube import OPERATOR_MANAGER, AccessReviews, WorkOrders, api_client, post_event
 from workorder_operator.leader import LeaderElection
 from workorder_operator.model import GROUP
 from workorder_operator.presence import PresenceLeases
@@ -115,9 +115,21 @@ async def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, logger: k
     state.tasks.append(asyncio.create_task(engine.scheduling_forever(ours.scheduling_interval)))
     # Executors tell refusals through the engine's rate-limited events.
     executors.post_events_through(engine.event)
+    metrics.limit_types(ours.metrics_max_types)
     metrics.track_engine(engine.tracked_orders, lambda: len(engine.scheduler))
     if ours.metrics_port:
-        state.metrics = await metrics.serve(ours.metrics_port, lambda: state.ready, ours.metrics_address)
+        guard, tls = None, None
+        if ours.metrics_secure:
+            # Scrapes are authenticated and authorized by the API server; the probes are not.
+            reviews = AccessReviews(api_client(ours.kubeconfig, ours.context, pool=4, user_agent=OPERATOR_MANAGER))
+            guard = metrics.AccessCache(reviews, ours.metrics_auth_cache_seconds, ours.metrics_auth_cache_entries)
+            tls = await asyncio.to_thread(metrics.tls_context, ours.metrics_cert_dir)
+        elif ours.metrics_address not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("--metrics-insecure on %s: anyone who reaches the port reads the metrics",
+                           ours.metrics_address)  # fmt: skip
+        state.metrics = await metrics.serve(
+            ours.metrics_port, lambda: state.ready, ours.metrics_address, guard=guard, tls=tls
+        )
     # Every replica watches (its cache stays warm for a fast takeover); only the leader acts.
     if election is None:
         await _lead(state, executors)

@@ -14,6 +14,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import urllib3
@@ -427,6 +428,55 @@ def whoami(api: client.ApiClient) -> str:
         return str(review.status.user_info.username)
     except AttributeError:
         return ""
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the API server said of a bearer token and one request: whether the token is valid
+    (`authenticated`), whose it is (`user`), and whether they may make the request."""
+
+    authenticated: bool
+    allowed: bool = False
+    user: str = ""
+    reason: str = ""
+
+
+class AccessReviews:
+    """Authentication and authorization of a request to the operator's own endpoints by the API
+    server, as every Kubernetes component delegates it: a TokenReview (authentication.k8s.io/v1)
+    says who a bearer token is, a SubjectAccessReview (authorization.k8s.io/v1) whether they may
+    make a non-resource request (`get /metrics`). Needs `create` on both (rbac-operator.yaml)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.authentication = client.AuthenticationV1Api(api)
+        self.authorization = client.AuthorizationV1Api(api)
+
+    def review(self, token: str, path: str, verb: str) -> Access:
+        """Who `token` is and whether they may `verb` `path`. Raises the error tree (the review
+        itself refused or unanswered), never for a token that is simply not valid."""
+        with translated():
+            answer = self.authentication.create_token_review(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}},
+                _request_timeout=timeout(),
+            )
+        status = answer.status
+        user = getattr(status, "user", None)
+        if status is None or not status.authenticated or user is None or not user.username:
+            return Access(False, reason=str(getattr(status, "error", "") or ""))
+        spec: dict[str, Any] = {
+            "user": user.username, "groups": list(user.groups or []), "extra": dict(user.extra or {}),
+            "nonResourceAttributes": {"path": path, "verb": verb},
+        }  # fmt: skip
+        if user.uid:
+            spec["uid"] = user.uid
+        with translated():
+            decision = self.authorization.create_subject_access_review(
+                {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec},
+                _request_timeout=timeout(),
+            )
+        allowed = bool(decision.status is not None and decision.status.allowed)
+        reason = str(getattr(decision.status, "reason", "") or "")
+        return Access(True, allowed, str(user.username), reason)
 
 
 def post_event(api: client.ApiClient, order: WorkOrder, kind: str, reason: str, message: str) -> None:

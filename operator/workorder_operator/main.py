@@ -56,6 +56,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="127.0.0.1",
         help="address the metrics port listens on (default 127.0.0.1: this machine only; in a pod: 0.0.0.0)",
     )
+    parser.add_argument(
+        "--metrics-insecure", action="store_true",
+        help="serve the metrics port over plain HTTP and let anyone scrape it (local development only; default: "
+        "HTTPS, and /metrics needs a bearer token allowed to get /metrics, e.g. bound to workorder-metrics-reader)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics-cert-dir", help="directory with tls.crt and tls.key for the metrics port (default: self-signed)"
+    )
+    parser.add_argument(
+        "--metrics-auth-cache-seconds", type=float, default=60.0,
+        help="reuse the API server's answer for a scrape's token this long (refusals at most 10 s; default 60)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics-auth-cache-size", type=int, default=256, help="answers for tokens kept at most (default 256)"
+    )
+    parser.add_argument(
+        "--metrics-max-types", type=int, default=100,
+        help="live work types with series of their own; the rest share type=\"_other\" (default 100)",
+    )  # fmt: skip
     ha = parser.add_argument_group("high availability (a Lease elects the one replica that acts)")
     ha.add_argument("--no-leader-election", action="store_true", help="act at once, alone (a single replica)")
     ha.add_argument(
@@ -102,6 +121,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         namespaces=tuple(args.namespace),
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
+        metrics_secure=not args.metrics_insecure,
+        metrics_cert_dir=args.metrics_cert_dir,
+        metrics_auth_cache_seconds=args.metrics_auth_cache_seconds,
+        metrics_auth_cache_entries=args.metrics_auth_cache_size,
+        metrics_max_types=args.metrics_max_types,
         lease=None if args.no_leader_election else LeaseConfig(args.leader_election_namespace,
                                                                args.leader_election_name),
         presence_namespace=args.presence_namespace or args.leader_election_namespace,

@@ -46,6 +46,24 @@ class Settings:
     # Address it listens on: this machine only unless asked (a pod asks for 0.0.0.0, so the
     # kubelet's probes and Prometheus reach it).
     metrics_address: str = "127.0.0.1"
+    # Secure serving of the metrics port (the default): HTTPS, and a scrape of /metrics needs a
+    # bearer token that the API server authenticates (TokenReview) of an identity it allows to
+    # `get` the non-resource URL /metrics (SubjectAccessReview; the workorder-metrics-reader
+    # role). The probes (/healthz, /readyz) never need a token. False (--metrics-insecure):
+    # plain HTTP and anyone who reaches the port may scrape, for local development only.
+    metrics_secure: bool = True
+    # tls.crt and tls.key for the HTTPS port (read at start); None: a self-signed certificate
+    # made at start, as controller-runtime does when it is given none.
+    metrics_cert_dir: str | None = None
+    # How long the API server's answer for one token is reused: an allowed scrape this many
+    # seconds (so a revoked grant still scrapes for up to this long), a refused one at most 10;
+    # and how many answers are kept (the least recently used go first).
+    metrics_auth_cache_seconds: float = 60.0
+    metrics_auth_cache_entries: int = 256
+    # Live work types with series of their own; the others share type="_other" while they live.
+    # A type's series go when its last order goes. About 36 series a type: the default bounds
+    # the per-type series at some 3,600 whatever tenants create.
+    metrics_max_types: int = 100
     # Leader election; None: no election, this replica acts at once (a single replica).
     lease: LeaseConfig | None = None
     # This replica's name (the Lease holder, the user agent in audit logs).

@@ -838,7 +838,7 @@ def test_a_far_future_timestamp_does_not_crash_the_operators_event_handler(
     port = envtest.free_port()
     op = OperatorProcess(
         cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces",
-        f"--leader-election-namespace={namespace}", f"--metrics-port={port}",
+        f"--leader-election-namespace={namespace}", f"--metrics-port={port}", "--metrics-insecure",
     )  # fmt: skip
     create_order(cluster.api, namespace, "far-claim", workType="far-future")
     create_order(cluster.api, namespace, "far-ttl", workType="far-future", ttlSecondsAfterFinished=60)

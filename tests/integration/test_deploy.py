@@ -5,7 +5,8 @@ reading the rules back.
 A module fixture applies the installation's namespace, ServiceAccount and RBAC for real (everything
 the RBAC tests need) and removes at the end whatever it created. It does not apply the Deployment
 (nothing here runs pods) nor the admission policy (it would govern every other test's status
-writes); the API server still checks those through server-side dry runs.
+writes); the API server still checks those through server-side dry runs. The secure metrics
+endpoint is tested with the operator itself, as a process run with its ServiceAccount's rights.
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from devcluster.envtest import free_port
 from tests.conftest import Cluster
-from tests.support import admission_policies, create_order, refused_by, wait_for
+from tests.support import (
+    OperatorProcess,
+    admission_policies,
+    bind,
+    create_order,
+    refused_by,
+    sample,
+    scrape,
+    wait_allowed,
+    wait_for,
+)
 from workorder_operator import fleet
 from workorder_operator.model import utcnow
 from workorder_operator.targeting import AgentIdentity
@@ -109,28 +121,6 @@ def forbidden(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     assert err.value.status == 403, f"expected 403 Forbidden, got {err.value.status}: {err.value.body}"
 
 
-def wait_allowed(api: client.ApiClient, verb: str, resource: str, namespace: str, group: str = G) -> None:
-    """RBAC changes reach the authorizer through an informer: wait until one grant is visible."""
-    review = {"spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource,
-                                               "namespace": namespace}}}  # fmt: skip
-    deadline = time.monotonic() + 20
-    while not client.AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed:
-        assert time.monotonic() < deadline, f"{verb} {resource} in {namespace} never became allowed"
-        time.sleep(0.1)
-
-
-def bind(cluster: Cluster, namespace: str, clusterrole: str, user: str) -> None:
-    """A RoleBinding in the test namespace (goes away with it): no cluster-scoped leftovers."""
-    client.RbacAuthorizationV1Api(cluster.api).create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": f"{user}-{clusterrole}"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": clusterrole},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
-        },
-    )
-
-
 def noop_status_patch(objs: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
     """A status patch that changes nothing (so any admission policy admits it): it shows authorization only."""
     current = objs.get_namespaced_custom_object_status(G, V, namespace, P, name)
@@ -210,6 +200,7 @@ def test_base_renders_the_whole_installation(rendered: list[dict[str, Any]]) -> 
         ("ClusterRole", "", "workorder-agent"),
         ("ClusterRole", "", "workorder-edit"),
         ("ClusterRole", "", "workorder-view"),
+        ("ClusterRole", "", "workorder-metrics-reader"),
         ("Deployment", SYSTEM_NS, "workorder-operator"),
         ("Service", SYSTEM_NS, "workorder-operator-metrics"),
         ("PodDisruptionBudget", SYSTEM_NS, "workorder-operator"),
@@ -226,7 +217,7 @@ def test_base_renders_the_whole_installation(rendered: list[dict[str, Any]]) -> 
 def test_every_rbac_rule_says_why() -> None:
     for path in sorted([*(DEPLOY / "base").glob("rbac-*.yaml"), *(DEPLOY / "agent").rglob("rbac.yaml")]):
         lines = path.read_text().splitlines()
-        starts = [i for i, line in enumerate(lines) if re.match(r"^\s*- apiGroups:", line)]
+        starts = [i for i, line in enumerate(lines) if re.match(r"^\s*- (apiGroups|nonResourceURLs):", line)]
         assert starts, f"no rules found in {path.name}"
         for i in starts:
             assert lines[i - 1].strip().startswith("#"), f"{path.name}:{i + 1}: a rule without a comment saying why"
@@ -241,7 +232,17 @@ def test_rbac_is_exactly_least_privilege(rendered: list[dict[str, Any]]) -> None
         (SW, "builds"): read | {"create", "patch"},
         (SW, "buildruns"): read | {"create", "patch"},
         ("coordination.k8s.io", "leases"): read,
+        ("authentication.k8s.io", "tokenreviews"): {"create"},
+        ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
     }
+    # Scrapers: get /metrics, nothing else (rule_set refuses non-resource URLs: read it as is).
+    reader = find(rendered, "ClusterRole", "workorder-metrics-reader")
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    assert not [
+        o
+        for o in rendered
+        if o["kind"] in ("RoleBinding", "ClusterRoleBinding") and o["roleRef"]["name"] == reader["metadata"]["name"]
+    ]
     leader = find(rendered, "Role", "workorder-operator-leader")
     assert leader["metadata"]["namespace"] == SYSTEM_NS
     assert rule_set(leader) == {("coordination.k8s.io", "leases"): {"get", "create", "update", "patch", "delete"}}
@@ -324,8 +325,10 @@ def test_deployment_service_and_disruption_budget(rendered: list[dict[str, Any]]
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
     assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # The metrics port is secure (the default: no --metrics-insecure), so the probes speak HTTPS.
+    assert "--metrics-insecure" not in container["args"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics", "scheme": "HTTPS"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics", "scheme": "HTTPS"}
     [mount] = container["volumeMounts"]
     assert mount["mountPath"] == "/tmp"
     assert {v["name"]: "emptyDir" in v for v in pod["volumes"]} == {mount["name"]: True}
@@ -457,8 +460,105 @@ def test_operator_service_account(cluster: Cluster, installed: None, namespace: 
     )
     forbidden(coordination.delete_namespaced_lease, lease["metadata"]["name"], namespace)
 
+    # The metrics port's reviews: who a scrape's token is, and whether it may get /metrics.
+    review = client.AuthenticationV1Api(api).create_token_review({"spec": {"token": "not-a-token"}})
+    assert review.status.authenticated is not True
+    access = client.AuthorizationV1Api(api).create_subject_access_review(
+        {"spec": {"user": "nobody", "nonResourceAttributes": {"path": "/metrics", "verb": "get"}}}
+    )
+    assert access.status.allowed is False
+
     # TTL: delete a finished order (last: the order is gone afterwards).
     objs.delete_namespaced_custom_object(G, V, namespace, P, "o1")
+
+
+def test_metrics_reader_role(cluster: Cluster, installed: None) -> None:
+    """Bound (cluster-wide: non-resource URLs), workorder-metrics-reader allows get /metrics, and
+    nothing else."""
+    user = f"scraper-{uuid.uuid4().hex[:8]}"
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    binding = {
+        "metadata": {"name": user},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "workorder-metrics-reader"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+    rbac.create_cluster_role_binding(binding)
+    try:
+        authz = client.AuthorizationV1Api(cluster.api)
+
+        def may(verb: str, path: str) -> bool:
+            spec = {"user": user, "nonResourceAttributes": {"path": path, "verb": verb}}
+            return bool(authz.create_subject_access_review({"spec": spec}).status.allowed)
+
+        deadline = time.monotonic() + 20
+        while not may("get", "/metrics"):
+            assert time.monotonic() < deadline, "get /metrics never became allowed"
+            time.sleep(0.1)
+        assert not may("post", "/metrics")
+        assert not may("get", "/debug/pprof/")
+        objs = client.CustomObjectsApi(as_user(cluster, user))
+        forbidden(objs.list_cluster_custom_object, G, V, P)
+    finally:
+        rbac.delete_cluster_role_binding(user)
+
+
+def service_account_token(cluster: Cluster, namespace: str, name: str) -> str:
+    """A token of a new ServiceAccount (the TokenRequest API), as a pod's projected token is."""
+    core = client.CoreV1Api(cluster.api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+    request = {"spec": {"expirationSeconds": 600}}
+    return str(core.create_namespaced_service_account_token(name, namespace, request).status.token)
+
+
+def test_metrics_endpoint_asks_the_api_server(
+    cluster: Cluster, installed: None, namespace: str, tmp_path: Path
+) -> None:
+    """The operator, run as its own ServiceAccount with the installed RBAC and the default (secure)
+    metrics port: HTTPS only; the probes need no credentials; /metrics is 401 without a valid
+    token, 403 for a ServiceAccount that may not get /metrics, 200 for one bound to
+    workorder-metrics-reader."""
+    operator = as_user(cluster, OPERATOR_USER, OPERATOR_GROUPS)
+    wait_allowed(operator, "list", "workorders", namespace)
+    port = free_port()
+    op = OperatorProcess(
+        cluster.user_kubeconfig(OPERATOR_USER, OPERATOR_GROUPS), tmp_path / "operator.log",
+        f"--namespace={namespace}", "--no-leader-election", "--no-build-agent", f"--metrics-port={port}",
+    )  # fmt: skip
+    stranger = service_account_token(cluster, namespace, "stranger")
+    prometheus = service_account_token(cluster, namespace, "prometheus")
+    reader = f"metrics-reader-{namespace}"
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    with op.running():
+        assert scrape(port, "/healthz", tls=True)[0] == 200
+        wait_for(lambda: scrape(port, "/readyz", tls=True)[0] == 200, timeout=10, what="readiness")
+        with pytest.raises(OSError):  # not served in the clear
+            scrape(port, "/healthz")
+        status, body = scrape(port, tls=True)
+        assert status == 401 and "workorder_" not in body, (status, body)
+        assert scrape(port, tls=True, token="not-a-token")[0] == 401
+        status, body = scrape(port, tls=True, token=stranger)
+        assert status == 403 and f"system:serviceaccount:{namespace}:stranger" in body, (status, body)
+        rbac.create_cluster_role_binding({
+            "metadata": {"name": reader},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "workorder-metrics-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": namespace}],
+        })  # fmt: skip
+        try:
+            # The binding reaches the API server's authorizer through an informer (a refusal would
+            # be kept up to 10 s, but this token was never refused).
+            text = wait_for(
+                lambda: (lambda r: r[1] if r[0] == 200 else None)(scrape(port, tls=True, token=prometheus)),
+                timeout=30, interval=0.5, what="the bound ServiceAccount may scrape",
+            )  # fmt: skip
+            assert "# TYPE workorder_leader gauge" in text and sample(text, "workorder_leader") == 1
+            # The stranger still may not; the probes still need nothing.
+            assert scrape(port, tls=True, token=stranger)[0] == 403
+            assert scrape(port, "/healthz", tls=True)[0] == 200
+            assert scrape(port, "/readyz", tls=True)[0] == 200
+        finally:
+            rbac.delete_cluster_role_binding(reader)
+    assert "cannot review" not in op.log()
 
 
 def test_operator_leader_election_lease(cluster: Cluster, installed: None) -> None:
@@ -482,7 +582,7 @@ def test_operator_leader_election_lease(cluster: Cluster, installed: None) -> No
 
 
 def test_agent_role(cluster: Cluster, installed: None, namespace: str) -> None:
-    bind(cluster, namespace, "workorder-agent", "agent-1")
+    bind(cluster.api, namespace, "workorder-agent", "agent-1")
     api = as_user(cluster, "agent-1")
     wait_allowed(api, "patch", "workorders/status", namespace)
     create_order(cluster.api, namespace, "o1")
@@ -556,7 +656,7 @@ def test_an_agent_writes_no_lease_but_its_presence(
                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
             })  # fmt: skip
         else:
-            bind(cluster, namespace, "workorder-agent", user)
+            bind(cluster.api, namespace, "workorder-agent", user)
         api = as_user(cluster, user)
         wait_allowed(api, "announce", "presences", namespace)
         leases = client.CoordinationV1Api(api)
@@ -604,7 +704,7 @@ def test_an_agent_writes_no_lease_but_its_presence(
 
 
 def test_view_role(cluster: Cluster, installed: None, namespace: str) -> None:
-    bind(cluster, namespace, "workorder-view", "viewer")
+    bind(cluster.api, namespace, "workorder-view", "viewer")
     api = as_user(cluster, "viewer")
     wait_allowed(api, "list", "workorders", namespace)
     create_order(cluster.api, namespace, "o1")
@@ -623,7 +723,7 @@ def test_view_role(cluster: Cluster, installed: None, namespace: str) -> None:
 
 
 def test_edit_role(cluster: Cluster, installed: None, namespace: str) -> None:
-    bind(cluster, namespace, "workorder-edit", "editor")
+    bind(cluster.api, namespace, "workorder-edit", "editor")
     api = as_user(cluster, "editor")
     wait_allowed(api, "create", "workorders", namespace)
     objs = client.CustomObjectsApi(api)
@@ -660,8 +760,8 @@ def test_builtin_roles_aggregate_ours(cluster: Cluster, installed: None, namespa
     while not aggregated():
         assert time.monotonic() < deadline, "workorder-edit/-view were not aggregated into admin/edit/view"
         time.sleep(0.2)
-    bind(cluster, namespace, "edit", "ns-editor")
-    bind(cluster, namespace, "view", "ns-viewer")
+    bind(cluster.api, namespace, "edit", "ns-editor")
+    bind(cluster.api, namespace, "view", "ns-viewer")
     editor, viewer = as_user(cluster, "ns-editor"), as_user(cluster, "ns-viewer")
     wait_allowed(editor, "create", "workorders", namespace)
     wait_allowed(viewer, "list", "workorders", namespace)

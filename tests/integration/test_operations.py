@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 import uuid
 from pathlib import Path
 
-from kubernetes import client
+from kubernetes import client, config
 
 from devcluster.envtest import free_port
 from tests.conftest import Cluster
-from tests.support import Agent, OperatorProcess, create_order, leader_of, replicas, sample, scrape, wait_for
+from tests.support import (
+    REPO,
+    Agent,
+    OperatorProcess,
+    applied,
+    bind,
+    create_order,
+    leader_of,
+    replicas,
+    sample,
+    scrape,
+    wait_allowed,
+    wait_for,
+)
 from workorder_operator.leader import LeaseConfig
+
+RBAC_USERS = REPO / "deploy" / "base" / "rbac-users.yaml"
 
 
 def listening_on(port: int) -> set[str]:
@@ -30,7 +46,7 @@ def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path:
     port = free_port()
     op = OperatorProcess(
         cluster.kubeconfig, tmp_path / "operator.log", "--all-namespaces",
-        f"--leader-election-namespace={namespace}", f"--metrics-port={port}",
+        f"--leader-election-namespace={namespace}", f"--metrics-port={port}", "--metrics-insecure",
     )  # fmt: skip
     try:
         op.start()
@@ -70,6 +86,85 @@ def test_metrics_count_what_happened(cluster: Cluster, namespace: str, tmp_path:
         assert sample(text, "workorder_claim_wait_seconds_count", type="metrics") == 4
     finally:
         op.stop()
+
+
+def type_labels(text: str, prefix: str) -> set[str]:
+    """The `type` label values starting with `prefix` (or "_other") in a scrape."""
+    found = set(re.findall(r'type="([^"]*)"', text))
+    return {t for t in found if t.startswith(prefix) or t == "_other"}
+
+
+def series_of_all(text: str) -> list[str]:
+    """The samples of a scrape that carry a `type` label."""
+    return [line for line in text.splitlines() if not line.startswith("#") and 'type="' in line]
+
+
+def series_of(text: str, work_type: str) -> int:
+    """How many samples of a scrape carry type=`work_type`."""
+    return sum(f'type="{work_type}"' in line for line in series_of_all(text))
+
+
+def test_throwaway_work_types_leave_no_series(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    """A tenant (workorder-edit) creates orders of 200 work types, an agent (workorder-agent)
+    claims them all (so every per-type family gets its series), the tenant deletes them: none of
+    their series is left, and a new type gets a label of its own again. While they live, at most
+    --metrics-max-types of them have series of their own, the rest share type="_other", so the
+    series are bounded by the cap whatever the tenant creates."""
+    port = free_port()
+    op = OperatorProcess(
+        cluster.kubeconfig, tmp_path / "operator.log", f"--namespace={namespace}",
+        f"--leader-election-namespace={namespace}", f"--metrics-port={port}", "--metrics-insecure",
+        "--metrics-max-types=50", "--no-build-agent",
+    )  # fmt: skip
+    with applied(cluster.kubeconfig, RBAC_USERS), op.running():
+        bind(cluster.api, namespace, "workorder-edit", "tenant")
+        bind(cluster.api, namespace, "workorder-agent", "agent")
+        tenant = config.new_client_from_config(str(cluster.user_kubeconfig("tenant")))
+        agent_api = config.new_client_from_config(str(cluster.user_kubeconfig("agent")))
+        wait_allowed(tenant, "deletecollection", "workorders", namespace)
+        wait_allowed(agent_api, "patch", "workorders/status", namespace)
+        wait_for(lambda: sample(scrape(port)[1], "workorder_leader") == 1, timeout=30, what="leadership")
+        a = Agent(agent_api, str(uuid.uuid4()))
+        create_order(tenant, namespace, "sentinel", workType="sentinel")
+        wait_for(lambda: "conditions" in a.read(namespace, "sentinel").raw_status, timeout=30, what="the watch")
+        for i in range(200):
+            create_order(tenant, namespace, f"t-{i}", workType=f"throwaway-{i}")
+        for i in range(200):
+            a.claim(a.read(namespace, f"t-{i}"))
+
+        def all_claims_counted() -> str | None:
+            text = scrape(port)[1]
+            claims = sum(
+                float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("workorder_transitions_total{") and 'transition="claim"' in line
+                and ('type="throwaway-' in line or 'type="_other"' in line)
+            )  # fmt: skip
+            return text if claims == 200 else None
+
+        text = wait_for(all_claims_counted, timeout=60, interval=0.5, what="200 claims counted")
+        labels = type_labels(text, "throwaway-")
+        # The sentinel took one of the 50 slots.
+        assert len(labels) == 50 and "_other" in labels, sorted(labels)
+        assert sample(text, "workorder_orders", phase="Claimed", type="_other") == 151
+        # _other has as many series as one claimed type: at most 50 types' and _other's in all.
+        per_type = series_of(text, "_other")
+        assert per_type == series_of(text, "throwaway-0") > 0
+        assert len(series_of_all(text)) <= (50 + 1) * per_type
+        client.CustomObjectsApi(tenant).delete_collection_namespaced_custom_object(
+            "workorder.dev", "v1alpha1", namespace, "workorders"
+        )
+        # Every order is gone (the sentinel too), so no type label remains at all.
+        text = wait_for(
+            lambda: (lambda s: s if not series_of_all(s) else None)(scrape(port)[1]),
+            timeout=60, interval=0.5, what="every type's series gone",
+        )  # fmt: skip
+        assert "throwaway-" not in text and "_other" not in text
+        # The families themselves stay (their HELP and TYPE lines), without series.
+        assert "# TYPE workorder_transitions_total counter" in text
+        # The slots came back: a new type has series of its own.
+        create_order(tenant, namespace, "later", workType="later")
+        wait_for(lambda: sample(scrape(port)[1], "workorder_orders", phase="Pending", type="later") == 1,
+                 timeout=30, what="a label of its own")  # fmt: skip
 
 
 def lease_renewals(cluster: Cluster, namespace: str, count: int) -> list[str]:

@@ -173,7 +173,7 @@ def test_events_are_rate_limited_and_the_dropped_ones_counted(
     # Only this namespace: orders other tests leave elsewhere in the shared cluster must not spend
     # the event budget or count as dropped here; nor may NoMatchingAgent warnings on the expired
     # orders (no agent takes them) once they wait longer than the unschedulable grace.
-    start(f"--metrics-port={port}", "--unschedulable-grace=0", scope=("--namespace", namespace))
+    start(f"--metrics-port={port}", "--metrics-insecure", "--unschedulable-grace=0", scope=("--namespace", namespace))
     core = client.CoreV1Api(cluster.api)
 
     def expired() -> int:
@@ -197,7 +197,7 @@ def test_events_are_rate_limited_and_the_dropped_ones_counted(
 
 def test_two_replicas_count_each_transition_once(cluster: Cluster, namespace: str, start: Start) -> None:
     ports = [free_port(), free_port()]
-    ops = [start(f"--metrics-port={p}") for p in ports]
+    ops = [start(f"--metrics-port={p}", "--metrics-insecure") for p in ports]
     wait_for(lambda: sum(sample(scrape(p)[1], "workorder_leader") for p in ports) == 1, timeout=30, what="a leader")
     a = agent(cluster)
     for name in ("c1", "c2", "c3"):
