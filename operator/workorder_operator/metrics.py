@@ -16,6 +16,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from workorder_operator import lifecycle
 from workorder_operator.model import Outcome, Phase, WorkOrder
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -52,7 +53,6 @@ _TRANSITIONS = {
     (Phase.CLAIMED, Phase.RETRY_PENDING): "fail",
     (Phase.CLAIMED, Phase.FAILED): "fail",
     (Phase.RETRY_PENDING, Phase.PENDING): "due",
-    (Phase.FAILED, Phase.PENDING): "requeue",
     (Phase.PENDING, Phase.FAILED): "reject",
 }
 
@@ -63,7 +63,7 @@ def record_change(before: WorkOrder, after: WorkOrder) -> None:
     if old is None or new is None or old == new:
         return
     kind = after.spec.work_type
-    name = _TRANSITIONS.get((old, new))
+    name = "requeue" if lifecycle.requeued(before, after) else _TRANSITIONS.get((old, new))
     if (old, new) == (Phase.CLAIMED, Phase.PENDING):
         history = after.status.history
         name = "expire" if history and history[-1].outcome == Outcome.EXPIRED else "release"

@@ -240,7 +240,7 @@ class ClaimProtocol(RuleBasedStateMachine):
         elif name == "conditions":  # the operator's backstop: nothing but conditions changes
             assert moves[0] == moves[1] and r_new == r_old
         elif name == "requeue":
-            assert moves == ("Failed", "Pending") and r_new == 0
+            assert moves in (("Failed", "Pending"), ("RetryPending", "Pending")) and r_new == 0
         else:  # initialise, reject
             assert old.get("phase") in (None, "Pending") and "conditions" not in old
             assert new["phase"] == ("Failed" if name == "reject" else "Pending") and r_new == 0
