@@ -213,6 +213,19 @@ class ClaimProtocol(RuleBasedStateMachine):
             assert old.get("attempt", 0) == seen.get("attempt", 0), "two claims of one attempt"
         else:
             assert seen == old, f"{name} by {actor} overwrote a status it had not seen"
+        # The record (what the admission policy holds agents to): a claim leaves history and
+        # lastError alone; an ending attempt keeps its claim fields or drops them, and adds only its
+        # own history entry at the end, keeping at least the latest HISTORY_LIMIT - 1.
+        old_history, new_history = old.get("history", []), new.get("history", [])
+        if name == "claim":
+            assert new_history == old_history and new.get("lastError") == old.get("lastError")
+        if name in HOLDER - {"renew"}:
+            for field in ("claimedBy", "claimedByUser", "claimedAt"):
+                assert new.get(field) in (None, old.get(field)), f"{name} rewrote {field}"
+            kept = new_history[:-1]
+            assert len(kept) >= min(len(old_history), HISTORY_LIMIT - 1)
+            assert kept == old_history[len(old_history) - len(kept) :], f"{name} rewrote history"
+            assert (new_history[-1]["attempt"], new_history[-1].get("agent")) == (old["attempt"], old["claimedBy"])
         # Attempt never decreases; only a claim moves it, by one.
         step = new.get("attempt", 0) - old.get("attempt", 0)
         assert step == (1 if name == "claim" else 0), f"{name} moved attempt by {step}"
