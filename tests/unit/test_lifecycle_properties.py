@@ -218,7 +218,9 @@ class ClaimProtocol(RuleBasedStateMachine):
         # own history entry at the end, keeping at least the latest HISTORY_LIMIT - 1.
         old_history, new_history = old.get("history", []), new.get("history", [])
         if name == "claim":
-            assert new_history == old_history and new.get("lastError") == old.get("lastError")
+            # As read: a claim read before a reject and a requeue (attempt unchanged, so its guards
+            # hold) would drop that lastError; the API server's policy refuses that write.
+            assert new_history == seen.get("history", []) and new.get("lastError") == seen.get("lastError")
         if name in HOLDER - {"renew"}:
             for field in ("claimedBy", "claimedByUser", "claimedAt"):
                 assert new.get(field) in (None, old.get(field)), f"{name} rewrote {field}"
