@@ -343,7 +343,7 @@ def cmd_requeue(s: Session, args: argparse.Namespace) -> int:
     try:
         s.orders.write_status(order, lifecycle.requeue(order, utcnow()))
     except lifecycle.TransitionError as exc:
-        raise CliError("error", f"cannot requeue: {exc}; only Failed orders can be requeued") from exc
+        raise CliError("error", f"cannot requeue: {exc}; only Failed and RetryPending orders can be requeued") from exc
     print(f"workorder.workorder.dev/{args.name} requeued (Pending, retries reset)")
     return 0
 
@@ -738,7 +738,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("name")
     h = add("history", cmd_history, "the attempts of a WorkOrder")
     h.add_argument("name")
-    rq = add("requeue", cmd_requeue, "put a Failed order back to Pending with its retries reset")
+    rq = add("requeue", cmd_requeue, "put a Failed or RetryPending order back to Pending with its retries reset")
     rq.add_argument("name")
     ags = add("agents", cmd_agents, "list the agents that announced themselves: types, labels, claims, Live/Lost")
     ags.add_argument("-A", "--all-namespaces", action="store_true")

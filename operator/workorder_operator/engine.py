@@ -635,7 +635,7 @@ class Engine:
             return lifecycle.sync_conditions(order, now)
         if action == Action.EXPIRE:
             return lifecycle.expire(order, now, tracked.first_seen, tracked.seen_at, lost)
-        return lifecycle.due(order, now)
+        return lifecycle.due(order, now, tracked.seen_at)
 
     def _plan(self, tracked: _Tracked) -> lifecycle.Plan:
         lost = self._holder_lost_at(tracked.order)

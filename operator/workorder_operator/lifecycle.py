@@ -276,8 +276,9 @@ def release(order: WorkOrder, agent_id: str, attempt: int, now: dt.datetime, rea
 
 
 def requeue(order: WorkOrder, now: dt.datetime) -> StatusWrite:
-    """An admin puts a Failed order back to Pending with its retries reset."""
-    _require_phase(order, Phase.FAILED)
+    """An admin puts a Failed order, or one waiting for its retry, back to Pending with its
+    retries reset (from RetryPending too, so no nextRetryAfter can keep an order from its owner)."""
+    _require_phase(order, Phase.FAILED, Phase.RETRY_PENDING)
     message = "requeued after failure"
     return _write(
         Transition.REQUEUE,
@@ -437,12 +438,35 @@ def expire(
     )  # fmt: skip
 
 
-def due(order: WorkOrder, now: dt.datetime) -> StatusWrite:
+def retry_limit(order: WorkOrder, seen_at: dt.datetime | None = None) -> dt.datetime | None:
+    """The latest a RetryPending order may wait: the spec's backoff for its retryCount after the
+    failure. The failure's time is the earlier of the server's time of the agent's write
+    (`status_written_at`) and the operator's first sight of it (`seen_at`, our clock): neither is
+    the agent's word. None when neither is known."""
+    failed = [t for t in (order.status_written_at, seen_at) if t is not None]
+    if not failed:
+        return None
+    spec = order.spec
+    return _after(min(failed), retry_delay(spec.backoff_seconds, order.status.retry_count, spec.max_backoff_seconds))
+
+
+def retry_due(order: WorkOrder, seen_at: dt.datetime | None = None) -> dt.datetime:
+    """When a RetryPending order falls due: the agent's nextRetryAfter, but never later than
+    `retry_limit`, so a forged one (year 9999) cannot park the order beyond what its spec allows."""
+    marks = [t for t in (order.status.next_retry_after, retry_limit(order, seen_at)) if t is not None]
+    return min(marks, default=order.created_at)
+
+
+def due(order: WorkOrder, now: dt.datetime, seen_at: dt.datetime | None = None) -> StatusWrite:
+    """`seen_at`: when the operator first saw the order RetryPending (see `retry_limit`)."""
     _require_phase(order, Phase.RETRY_PENDING)
-    when = order.status.next_retry_after
-    if when is not None and now < when:
+    when = retry_due(order, seen_at)
+    if now < when:
         raise TransitionError(f"{order.key}: retry not due until {format_time(when)}")
     message = f"retry {order.status.retry_count} of {order.spec.max_retries} due: waiting for an agent"
+    asked = order.status.next_retry_after
+    if asked is not None and asked > when:
+        message += f" (its nextRetryAfter {format_time(asked)} is beyond what the spec allows)"
     return _write(
         Transition.DUE,
         order,
@@ -543,7 +567,7 @@ def plan(
         deadline = claim_deadline(order, first_seen, seen_at)
         return Plan(Action.EXPIRE, min(deadline, agent_lost_at) if agent_lost_at is not None else deadline)
     if s.phase == Phase.RETRY_PENDING:
-        return Plan(Action.DUE, s.next_retry_after or order.created_at)
+        return Plan(Action.DUE, retry_due(order, seen_at))
     if s.phase is not None and s.phase.terminal and order.spec.ttl_seconds_after_finished is not None:
         finished = s.completed_at or s.updated_at or order.created_at
         return Plan(Action.DELETE, _after(finished, order.spec.ttl_seconds_after_finished))
@@ -569,6 +593,15 @@ def _claimer(order: WorkOrder, attempt: int) -> str:
         return f"agent {s.claimed_by}" + (f" (user {user})" if user else "")
     agent = next((h.get("agent") for h in order.raw_status.get("history") or [] if h.get("attempt") == attempt), None)
     return f"agent {agent}" if agent else "an agent"
+
+
+def requeued(old: WorkOrder, new: WorkOrder) -> bool:
+    """Whether `new` is `old` requeued: Failed, or RetryPending with its retries reset (a due
+    retry keeps its count), back to Pending in the same attempt."""
+    o, n = old.status, new.status
+    if n.phase != Phase.PENDING or o.attempt != n.attempt:
+        return False
+    return o.phase == Phase.FAILED or (o.phase == Phase.RETRY_PENDING and n.retry_count < o.retry_count)
 
 
 def story(old: WorkOrder, new: WorkOrder) -> list[Note]:
@@ -620,11 +653,11 @@ def story(old: WorkOrder, new: WorkOrder) -> list[Note]:
         told.append((a, note))
     notes = [note for _, note in sorted(told, key=lambda t: t[0])]
     if o.attempt == n.attempt:
-        if o.phase == Phase.RETRY_PENDING and n.phase == Phase.PENDING:
+        if requeued(old, new):
+            notes.append(Note("Normal", "Requeue", "requeued after failure: Pending, retries reset"))
+        elif o.phase == Phase.RETRY_PENDING and n.phase == Phase.PENDING:
             notes.append(Note("Normal", "Due", f"retry {n.retry_count} of {new.spec.max_retries} due: "
                               "waiting for an agent"))  # fmt: skip
-        elif o.phase == Phase.FAILED and n.phase == Phase.PENDING:
-            notes.append(Note("Normal", "Requeue", "requeued after failure: Pending, retries reset"))
         elif o.phase in (None, Phase.PENDING) and n.phase == Phase.FAILED and not finished:
             notes.append(Note("Warning", "Reject", f"rejected: {n.last_error or n.result or 'no reason given'}"))
     return notes

@@ -39,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
+from workorder_operator import lifecycle
 from workorder_operator.errors import Transient, WorkOrderError
 from workorder_operator.kube import Access
 from workorder_operator.model import Outcome, Phase, WorkOrder
@@ -161,7 +162,6 @@ _TRANSITIONS = {
     (Phase.CLAIMED, Phase.RETRY_PENDING): "fail",
     (Phase.CLAIMED, Phase.FAILED): "fail",
     (Phase.RETRY_PENDING, Phase.PENDING): "due",
-    (Phase.FAILED, Phase.PENDING): "requeue",
     (Phase.PENDING, Phase.FAILED): "reject",
 }
 
@@ -173,7 +173,7 @@ def record_change(before: WorkOrder, after: WorkOrder, types: TypeLabels = TYPES
     if old is None or new is None or old == new:
         return
     kind = types.label(after.spec.work_type)
-    name = _TRANSITIONS.get((old, new))
+    name = "requeue" if lifecycle.requeued(before, after) else _TRANSITIONS.get((old, new))
     if (old, new) == (Phase.CLAIMED, Phase.PENDING):
         history = after.status.history
         name = "expire" if history and history[-1].outcome == Outcome.EXPIRED else "release"

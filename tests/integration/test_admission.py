@@ -17,12 +17,12 @@ import pytest
 from kubernetes import client, config
 
 from tests.conftest import Cluster
-from tests.support import API_ERRORS, admission_policies, bind_rules, create_order, wait_for
+from tests.support import API_ERRORS, OperatorProcess, admission_policies, bind_rules, create_order, wait_for
 from workorder_operator import lifecycle
 from workorder_operator.agent import Agent, ClaimLost
 from workorder_operator.kube import WorkOrders
 from workorder_operator.lifecycle import StatusWrite
-from workorder_operator.model import WorkOrder, utcnow
+from workorder_operator.model import WorkOrder, format_time, utcnow
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_RULES = [
@@ -240,3 +240,161 @@ def _expired(orders: WorkOrders, order: WorkOrder, at: dt.datetime) -> bool:
             return False
         raise
     return True
+
+
+# --- the record: who held the claim, what happened before, when a retry falls due ----------------
+
+
+def forged(write: StatusWrite, **changes: Any) -> StatusWrite:
+    """A legal transition's write (its own guards) with some fields changed (None removes one)."""
+    status = {k: v for k, v in {**write.status, **changes}.items() if v is not None}
+    return StatusWrite(write.transition, write.guards, status)
+
+
+def claimed_by(agent: Agent, namespace: str, name: str) -> WorkOrder:
+    claim = agent.claim(WorkOrder.from_body(agent.orders.get(namespace, name)))
+    assert claim is not None
+    return claim.order
+
+
+def test_a_holder_cannot_rewrite_who_held_the_claim(cluster: Cluster, namespace: str, alice: Agent) -> None:
+    wait_until_enforced(cluster, namespace, alice)
+    create_order(cluster.api, namespace, "who", maxRetries=3)
+    held = claimed_by(alice, namespace, "who")
+    a, now = held.status.attempt, utcnow()
+    someone = str(uuid.uuid4())
+    ends = {
+        "complete": lifecycle.complete(held, alice.id, a, "ok", now),
+        "fail (retry)": lifecycle.fail(held, alice.id, a, "boom", now),
+        "fail (final)": lifecycle.fail(held, alice.id, a, "boom", now, retryable=False),
+        "release": lifecycle.release(held, alice.id, a, now),
+    }
+    for what, write in ends.items():
+        for forgery in ({"claimedBy": someone}, {"claimedByUser": "bob"}, {"claimedAt": format_time(now)}):
+            refused(lambda w=write, f=forgery: alice.orders.write_status(held, forged(w, **f)),  # type: ignore[misc]
+                    "stay as the claim set them", "user alice")  # fmt: skip
+        if what in ("complete", "fail (final)"):  # the terminal record keeps its holder
+            refused(lambda w=write: alice.orders.write_status(held, forged(w, claimedBy=None)),  # type: ignore[misc]
+                    "claimedBy")  # fmt: skip
+            refused(lambda w=write: alice.orders.write_status(held, forged(w, claimedByUser=None)),  # type: ignore[misc]
+                    "claimedByUser")  # fmt: skip
+    done = alice.orders.write_status(held, ends["complete"])["status"]
+    assert (done["phase"], done["claimedBy"], done["claimedByUser"]) == ("Completed", alice.id, "alice")
+
+
+def test_a_holder_may_only_add_the_entry_of_the_attempt_that_ends(
+    cluster: Cluster, namespace: str, alice: Agent
+) -> None:
+    wait_until_enforced(cluster, namespace, alice)
+    create_order(cluster.api, namespace, "past", maxRetries=3)
+    claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "past")))
+    assert claim is not None
+    claim.release("first")
+    held = claimed_by(alice, namespace, "past")  # attempt 2; history: attempt 1 released
+    a, now = held.status.attempt, utcnow()
+    write = lifecycle.complete(held, alice.id, a, "ok", now)
+    first, entry = write.status["history"]
+    rewrites = {
+        "emptied": [],
+        "earlier entry rewritten": [{**first, "outcome": "Succeeded", "message": "all fine"}, entry],
+        "earlier entry dropped": [entry],
+        "two entries added": [first, entry, {**entry, "finishedAt": format_time(now)}],
+        "entry put first": [entry, first],
+    }
+    for what, history in rewrites.items():
+        message = refused(lambda h=history: alice.orders.write_status(held, forged(write, history=h)))  # type: ignore[misc]
+        assert "status.history" in message, (what, message)
+    lies = {
+        "another attempt": {"attempt": a + 5},
+        "another agent": {"agent": str(uuid.uuid4())},
+        "another claim time": {"claimedAt": format_time(now)},
+        "another outcome": {"outcome": "Expired"},
+    }
+    for what, lie in lies.items():
+        history = [first, {**entry, **lie}]
+        message = refused(lambda h=history: alice.orders.write_status(held, forged(write, history=h)))  # type: ignore[misc]
+        assert f"the new entry is the one of attempt {a}" in message and "outcome Succeeded" in message, (what, message)
+    # A holder that keeps no history (a minimal agent) passes, and so does the real entry.
+    assert alice.orders.write_status(held, write)["status"]["history"] == [first, entry]
+
+
+def test_a_full_history_window_slides_by_one(cluster: Cluster, namespace: str, alice: Agent) -> None:
+    wait_until_enforced(cluster, namespace, alice)
+    create_order(cluster.api, namespace, "long")
+    pending = WorkOrder.from_body(alice.orders.get(namespace, "long"))
+    # The operator's move (exempt): ten attempts on the record, as after a long life.
+    past = [{"attempt": i, "outcome": "Released"} for i in range(1, lifecycle.HISTORY_LIMIT + 1)]
+    WorkOrders(cluster.api, "test").write_status(
+        pending, StatusWrite("seed", {}, {**pending.raw_status, "history": past, "attempt": lifecycle.HISTORY_LIMIT})
+    )
+    held = claimed_by(alice, namespace, "long")
+    write = lifecycle.release(held, alice.id, held.status.attempt, utcnow())
+    assert write.status["history"][:-1] == past[1:]  # the oldest drops out of the window
+    refused(lambda: alice.orders.write_status(held, forged(write, history=[*past[5:], write.status["history"][-1]])),
+            "status.history")  # fmt: skip
+    assert alice.orders.write_status(held, write)["status"]["history"][:-1] == past[1:]
+
+
+def test_a_claim_or_completion_keeps_the_record_of_earlier_failures(
+    cluster: Cluster, namespace: str, alice: Agent
+) -> None:
+    wait_until_enforced(cluster, namespace, alice)
+    create_order(cluster.api, namespace, "scars", maxRetries=3)
+    claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "scars")))
+    assert claim is not None
+    claim.fail("disk full")
+    waiting = WorkOrder.from_body(alice.orders.get(namespace, "scars"))
+    WorkOrders(cluster.api, "test").write_status(waiting, lifecycle.due(waiting, utcnow() + dt.timedelta(hours=1)))
+    pending = WorkOrder.from_body(alice.orders.get(namespace, "scars"))
+    assert pending.raw_status["lastError"] == "disk full"
+    write = lifecycle.claim(pending, alice.identity, utcnow(), "alice")
+    for wipe in ({"lastError": None}, {"lastErrorAt": None}, {"lastError": "nothing happened"}, {"history": []}):
+        refused(lambda w=wipe: alice.orders.write_status(pending, forged(write, **w)),  # type: ignore[misc]
+                "a claim keeps the record of earlier attempts")  # fmt: skip
+    held = WorkOrder.from_body(alice.orders.write_status(pending, write))
+    assert held.raw_status["lastError"] == "disk full"
+    done = lifecycle.complete(held, alice.id, held.status.attempt, "ok", utcnow())
+    refused(lambda: alice.orders.write_status(held, forged(done, lastError=None)), "change only when an attempt fails")
+    assert alice.orders.write_status(held, done)["status"]["lastError"] == "disk full"
+
+
+def test_a_forged_next_retry_after_does_not_park_the_order(
+    cluster: Cluster, namespace: str, alice: Agent, operator: OperatorProcess
+) -> None:
+    """The API server takes any nextRetryAfter (CEL has no clock); the operator decides when the
+    retry falls due from the spec: here 2 s after the failure (backoffSeconds 1, retry 1)."""
+    wait_until_enforced(cluster, namespace, alice)
+    create_order(cluster.api, namespace, "parked", maxRetries=3, backoffSeconds=1)
+    held = claimed_by(alice, namespace, "parked")
+    write = lifecycle.fail(held, alice.id, held.status.attempt, "boom", utcnow())
+    failed = alice.orders.write_status(held, forged(write, nextRetryAfter="9999-12-31T23:59:59.000000Z"))
+    assert failed["status"]["phase"] == "RetryPending"
+    due = wait_for(lambda: _phase(alice, namespace, "parked", "Pending"), timeout=15, interval=0.2,
+                   what="the forged retry to fall due by the spec")  # fmt: skip
+    assert due.status.retry_count == 1 and due.status.next_retry_after is None
+
+
+def _phase(agent: Agent, namespace: str, name: str, phase: str) -> WorkOrder | None:
+    order = WorkOrder.from_body(agent.orders.get(namespace, name))
+    return order if order.status.phase == phase else None
+
+
+def test_an_admin_requeues_an_order_waiting_for_its_retry_an_agent_does_not(
+    cluster: Cluster, namespace: str, alice: Agent
+) -> None:
+    wait_until_enforced(cluster, namespace, alice)
+    create_order(cluster.api, namespace, "stuck", maxRetries=3, backoffSeconds=3600)
+    claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "stuck")))
+    assert claim is not None
+    claim.fail("boom")
+    waiting = WorkOrder.from_body(alice.orders.get(namespace, "stuck"))
+    assert waiting.status.phase == "RetryPending"
+    refused(lambda: alice.orders.write_status(waiting, lifecycle.requeue(waiting, utcnow())),
+            "requeue (RetryPending -> Pending) is an admin transition", "alice may not update")  # fmt: skip
+    bind_rules(cluster.api, namespace, "lead", [{"apiGroups": ["workorder.dev"], "resources": ["workorders"],
+                                                 "verbs": ["update"]}, *AGENT_RULES])  # fmt: skip
+    lead = WorkOrders(identity(cluster, namespace, "lead"), "lead")
+    wait_for(lambda: _requeued(lead, waiting), timeout=20, what="the lead's requeue to be allowed")
+    requeued = WorkOrder.from_body(alice.orders.get(namespace, "stuck"))
+    assert (requeued.status.phase, requeued.status.retry_count, requeued.status.attempt) == ("Pending", 0, 1)
+    assert requeued.raw_status["lastError"] == "boom"

@@ -172,6 +172,15 @@ def test_fail_no_retry_then_requeue(cluster: Cluster, namespace: str) -> None:
     assert status["phase"] == "Pending" and status["retryCount"] == 0
 
 
+def test_requeue_of_an_order_waiting_for_its_retry(cluster: Cluster, namespace: str) -> None:
+    create_order(cluster.api, namespace, "later", maxRetries=3, backoffSeconds=3600)
+    handle = ok(kubectl(cluster, "claim", "later", "-n", namespace)).strip()
+    assert "RetryPending" in ok(kubectl(cluster, "fail", handle, "--error", "bad"))
+    ok(kubectl(cluster, "requeue", "later", "-n", namespace))
+    status = json.loads(ok(kubectl(cluster, "get", "later", "-n", namespace, "-o", "json")))["status"]
+    assert status["phase"] == "Pending" and status["retryCount"] == 0 and "nextRetryAfter" not in status
+
+
 def test_holder_commands_act_only_on_the_exact_claim_they_were_given(cluster: Cluster, namespace: str) -> None:
     create_order(cluster.api, namespace, "job")
     first = ok(kubectl(cluster, "claim", "job", "-n", namespace)).strip()

@@ -29,7 +29,7 @@ from tests.unit.orders import (
 from workorder_operator import lifecycle as lc
 from workorder_operator.kube import json_patch
 from workorder_operator.lifecycle import HISTORY_LIMIT, MESSAGE_LIMIT, Action, Plan, TransitionError
-from workorder_operator.model import WorkOrder, format_time
+from workorder_operator.model import WorkOrder, format_time, parse_time
 from workorder_operator.targeting import AgentIdentity
 
 A = AgentIdentity(AGENT_A)
@@ -559,6 +559,65 @@ def test_due_only_when_the_retry_time_has_come() -> None:
     assert s["lastError"] == "boom"  # the seed keeps the last error visible
 
 
+FORGED = "9999-12-31T23:59:59.000000Z"
+
+
+def agent_wrote_status_at(body: dict[str, Any], when: dt.datetime) -> WorkOrder:
+    """The order as the operator reads it, the server's managedFields saying an agent wrote its
+    status at `when` (and the operator later, which does not count)."""
+    body = copy.deepcopy(body)
+    body["metadata"]["managedFields"] = [
+        {"manager": "workorder-agent", "operation": "Update", "subresource": "status", "time": format_time(when)},
+        {"manager": "workorder-operator", "operation": "Update", "subresource": "status",
+         "time": format_time(when + seconds(3600))},
+    ]  # fmt: skip
+    return WorkOrder.from_body(body, operator_manager="workorder-operator")
+
+
+def test_a_forged_next_retry_after_cannot_park_an_order_beyond_its_backoff() -> None:
+    # Retry 1 of backoffSeconds 60 waits 120 s after the failure, whatever the agent wrote.
+    body = with_status(retry_pending(), nextRetryAfter=FORGED)
+    order = agent_wrote_status_at(body, NOW + seconds(1))  # the server's time of the fail
+    limit = NOW + seconds(121)
+    assert lc.retry_limit(order) == limit
+    assert lc.plan(order, seen_at=NOW + seconds(2)) == Plan(Action.DUE, limit)
+    with pytest.raises(TransitionError):
+        lc.due(order, limit - MICROSECOND, NOW + seconds(2))
+    write = lc.due(order, limit, NOW + seconds(2))
+    assert write.status["phase"] == "Pending" and "nextRetryAfter" not in write.status
+    assert f"its nextRetryAfter {FORGED} is beyond what the spec allows" in write.message
+
+
+def test_the_retry_limit_counts_from_the_earlier_of_the_servers_time_and_the_operators_sight() -> None:
+    body = with_status(retry_pending({"backoffSeconds": 10, "maxBackoffSeconds": 15}), retryCount=3,
+                       nextRetryAfter=FORGED)  # fmt: skip
+    cap = seconds(15)  # 10 * 2^3 capped by maxBackoffSeconds
+    # A forged server time (far ahead) loses to the operator's own clock ...
+    order = agent_wrote_status_at(body, NOW + seconds(10**6))
+    assert lc.retry_limit(order, seen_at=NOW) == NOW + cap
+    # ... a restarted operator (which first sees the order late) to the server's.
+    order = agent_wrote_status_at(body, NOW)
+    assert lc.retry_limit(order, seen_at=NOW + seconds(3600)) == NOW + cap
+    # Only ours known (no managedFields): ours.
+    assert lc.retry_limit(read(body), seen_at=NOW + seconds(5)) == NOW + seconds(5) + cap
+    # Neither: the agent's word is all there is.
+    assert lc.retry_limit(read(body)) is None
+    assert lc.retry_due(read(body)) == parse_time(FORGED)
+
+
+def test_the_seven_day_ceiling_bounds_a_retry_when_the_spec_has_no_cap() -> None:
+    body = with_status(retry_pending({"backoffSeconds": 604800}), retryCount=5, nextRetryAfter=FORGED)
+    assert lc.retry_due(read(body), seen_at=NOW) == NOW + seconds(7 * 24 * 3600)
+
+
+def test_an_honest_next_retry_after_is_kept() -> None:
+    # Within the spec's bound: the agent's own time stands (its clock may run a little behind).
+    body = retry_pending()  # nextRetryAfter NOW + 120 s
+    order = agent_wrote_status_at(body, NOW + seconds(2))
+    assert lc.retry_due(order, seen_at=NOW + seconds(3)) == NOW + seconds(120)
+    assert "beyond" not in lc.due(order, NOW + seconds(120), NOW + seconds(3)).message
+
+
 def test_due_is_refused_unless_retry_pending() -> None:
     with pytest.raises(TransitionError):
         lc.due(read(claimed()), NOW + seconds(10**6))
@@ -587,8 +646,17 @@ def test_requeue_puts_a_failed_order_back_with_retries_reset() -> None:
     assert again.status["attempt"] == 5
 
 
-@pytest.mark.parametrize("make", [pending, claimed, retry_pending])
-def test_requeue_is_refused_unless_failed(make: Any) -> None:
+def test_requeue_puts_back_an_order_waiting_for_its_retry() -> None:
+    # However far its nextRetryAfter (a stuck order's owner is never left waiting on an agent's word).
+    body = with_status(retry_pending(), nextRetryAfter=FORGED)
+    s = lc.requeue(read(body), NOW + seconds(5)).status
+    assert s["phase"] == "Pending" and s["retryCount"] == 0 and s["attempt"] == 1
+    assert "nextRetryAfter" not in s
+    assert s["lastError"] == "boom" and len(s["history"]) == 1  # the record stays
+
+
+@pytest.mark.parametrize("make", [pending, claimed])
+def test_requeue_is_refused_unless_failed_or_retry_pending(make: Any) -> None:
     with pytest.raises(TransitionError):
         lc.requeue(read(make()), NOW)
 
@@ -988,7 +1056,7 @@ def test_a_release_without_reason_says_only_who() -> None:
 def test_refusals_say_what_the_order_is_and_what_it_should_be() -> None:
     with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Claimed, not Pending$"):
         lc.claim(read(claimed()), B, NOW)
-    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is not initialised, not Failed$"):
+    with pytest.raises(TransitionError, match=r"^team-a/wo-1 is not initialised, not Failed or RetryPending$"):
         lc.requeue(make_order(status={}), NOW)
     with pytest.raises(TransitionError, match=r"^team-a/wo-1 is Pending, not Claimed$"):
         lc.expire(read(pending()), NOW)

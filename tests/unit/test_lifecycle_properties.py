@@ -213,6 +213,21 @@ class ClaimProtocol(RuleBasedStateMachine):
             assert old.get("attempt", 0) == seen.get("attempt", 0), "two claims of one attempt"
         else:
             assert seen == old, f"{name} by {actor} overwrote a status it had not seen"
+        # The record (what the admission policy holds agents to): a claim leaves history and
+        # lastError alone; an ending attempt keeps its claim fields or drops them, and adds only its
+        # own history entry at the end, keeping at least the latest HISTORY_LIMIT - 1.
+        old_history, new_history = old.get("history", []), new.get("history", [])
+        if name == "claim":
+            # As read: a claim read before a reject and a requeue (attempt unchanged, so its guards
+            # hold) would drop that lastError; the API server's policy refuses that write.
+            assert new_history == seen.get("history", []) and new.get("lastError") == seen.get("lastError")
+        if name in HOLDER - {"renew"}:
+            for field in ("claimedBy", "claimedByUser", "claimedAt"):
+                assert new.get(field) in (None, old.get(field)), f"{name} rewrote {field}"
+            kept = new_history[:-1]
+            assert len(kept) >= min(len(old_history), HISTORY_LIMIT - 1)
+            assert kept == old_history[len(old_history) - len(kept) :], f"{name} rewrote history"
+            assert (new_history[-1]["attempt"], new_history[-1].get("agent")) == (old["attempt"], old["claimedBy"])
         # Attempt never decreases; only a claim moves it, by one.
         step = new.get("attempt", 0) - old.get("attempt", 0)
         assert step == (1 if name == "claim" else 0), f"{name} moved attempt by {step}"
@@ -240,7 +255,7 @@ class ClaimProtocol(RuleBasedStateMachine):
         elif name == "conditions":  # the operator's backstop: nothing but conditions changes
             assert moves[0] == moves[1] and r_new == r_old
         elif name == "requeue":
-            assert moves == ("Failed", "Pending") and r_new == 0
+            assert moves in (("Failed", "Pending"), ("RetryPending", "Pending")) and r_new == 0
         else:  # initialise, reject
             assert old.get("phase") in (None, "Pending") and "conditions" not in old
             assert new["phase"] == ("Failed" if name == "reject" else "Pending") and r_new == 0

@@ -120,6 +120,9 @@ def test_a_due_retry_a_requeue_and_a_rejection_are_told_as_such() -> None:
     final = failed(claimed(pending()), retryable=False)
     requeued = store(final, lc.requeue(read(final), LATER))
     assert told(final, requeued) == [("Normal", "Requeue", "requeued after failure: Pending, retries reset")]
+    # From RetryPending too: the reset retries tell a requeue from a due retry.
+    requeued = store(waiting, lc.requeue(read(waiting), LATER))
+    assert told(waiting, requeued) == [("Normal", "Requeue", "requeued after failure: Pending, retries reset")]
 
     new = order_body()
     rejected = store(new, lc.initialise(read(new), CREATED, rejection="yamlContent: no Build"))
