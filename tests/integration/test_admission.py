@@ -19,7 +19,7 @@ from kubernetes import client, config
 from tests.conftest import Cluster
 from tests.support import API_ERRORS, OperatorProcess, admission_policies, bind_rules, create_order, wait_for
 from workorder_operator import lifecycle
-from workorder_operator.agent import Agent, ClaimLost
+from workorder_operator.agent import Agent, Claim, ClaimLost
 from workorder_operator.kube import WorkOrders
 from workorder_operator.lifecycle import StatusWrite
 from workorder_operator.model import WorkOrder, format_time, utcnow
@@ -251,10 +251,14 @@ def forged(write: StatusWrite, **changes: Any) -> StatusWrite:
     return StatusWrite(write.transition, write.guards, status)
 
 
-def claimed_by(agent: Agent, namespace: str, name: str) -> WorkOrder:
+def claim_of(agent: Agent, namespace: str, name: str) -> Claim:
     claim = agent.claim(WorkOrder.from_body(agent.orders.get(namespace, name)))
     assert claim is not None
-    return claim.order
+    return claim
+
+
+def claimed_by(agent: Agent, namespace: str, name: str) -> WorkOrder:
+    return claim_of(agent, namespace, name).order
 
 
 def test_a_holder_cannot_rewrite_who_held_the_claim(cluster: Cluster, namespace: str, alice: Agent) -> None:
@@ -287,9 +291,7 @@ def test_a_holder_may_only_add_the_entry_of_the_attempt_that_ends(
 ) -> None:
     wait_until_enforced(cluster, namespace, alice)
     create_order(cluster.api, namespace, "past", maxRetries=3)
-    claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "past")))
-    assert claim is not None
-    claim.release("first")
+    claim_of(alice, namespace, "past").release("first")
     held = claimed_by(alice, namespace, "past")  # attempt 2; history: attempt 1 released
     a, now = held.status.attempt, utcnow()
     write = lifecycle.complete(held, alice.id, a, "ok", now)
@@ -340,9 +342,7 @@ def test_a_claim_or_completion_keeps_the_record_of_earlier_failures(
 ) -> None:
     wait_until_enforced(cluster, namespace, alice)
     create_order(cluster.api, namespace, "scars", maxRetries=3)
-    claim = alice.claim(WorkOrder.from_body(alice.orders.get(namespace, "scars")))
-    assert claim is not None
-    claim.fail("disk full")
+    claim_of(alice, namespace, "scars").fail("disk full")
     waiting = WorkOrder.from_body(alice.orders.get(namespace, "scars"))
     WorkOrders(cluster.api, "test").write_status(waiting, lifecycle.due(waiting, utcnow() + dt.timedelta(hours=1)))
     pending = WorkOrder.from_body(alice.orders.get(namespace, "scars"))
