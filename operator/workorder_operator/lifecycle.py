@@ -438,12 +438,17 @@ def expire(
     )  # fmt: skip
 
 
+# managedFields times are whole seconds, cut down: the write happened within this after its stamp.
+WRITE_TIME_RESOLUTION = dt.timedelta(seconds=1)
+
+
 def retry_limit(order: WorkOrder, seen_at: dt.datetime | None = None) -> dt.datetime | None:
     """The latest a RetryPending order may wait: the spec's backoff for its retryCount after the
     failure. The failure's time is the earlier of the server's time of the agent's write
-    (`status_written_at`) and the operator's first sight of it (`seen_at`, our clock): neither is
-    the agent's word. None when neither is known."""
-    failed = [t for t in (order.status_written_at, seen_at) if t is not None]
+    (`status_written_at`, plus its resolution) and the operator's first sight of it (`seen_at`,
+    our clock): neither is the agent's word. None when neither is known."""
+    written = order.status_written_at + WRITE_TIME_RESOLUTION if order.status_written_at is not None else None
+    failed = [t for t in (written, seen_at) if t is not None]
     if not failed:
         return None
     spec = order.spec

@@ -683,12 +683,13 @@ def test_an_agent_writes_no_lease_but_its_presence(
             # Nor a Lease of its own that is not a presence, nor one labelled as presence under a
             # name that is no agent's (the leader Lease's, before the operator made it).
             refused_by(lambda: leases.create_namespaced_lease(namespace, _lease("mine")), *words)
-            squat = _lease("workorder-operator-2", **{fleet.PRESENCE_LABEL: fleet.PRESENCE_VALUE})
-            refused_by(lambda: leases.create_namespaced_lease(namespace, squat), *words)
-            # Its own presence: announce, renew, withdraw.
+            # A true presence body (so workorder-agent-presence has nothing to say) under another name.
             me = AgentIdentity(str(uuid.uuid4()))
             body = fleet.lease_body(me, work_types=["test"], user=user, namespaces=[namespace], duration=30,
                                     now=utcnow(), acquired=True)  # fmt: skip
+            squat = {**body, "metadata": {**body["metadata"], "name": "workorder-operator-2"}}
+            refused_by(lambda: leases.create_namespaced_lease(namespace, squat), *words)
+            # Its own presence, under its own name: announce, renew, withdraw.
             leases.create_namespaced_lease(namespace, body)
             leases.patch_namespaced_lease(fleet.lease_name(me.id), namespace, {"spec": {"leaseDurationSeconds": 20}})
             leases.delete_namespaced_lease(fleet.lease_name(me.id), namespace)
